@@ -1,0 +1,167 @@
+"""Optimisers, EMA and the training steps that own the update schedule (plain torch, no Ray).
+
+The even/odd alternation of moment matching lives here, in the step, not in the losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from rayflow.core.diffusion import denoising_loss
+from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching
+from rayflow.core.schedule import Schedule
+
+
+def make_adam(
+    params: Iterable[torch.Tensor], lr: float, *, betas=(0.0, 0.99), eps: float = 1e-12, weight_decay: float = 0.0
+) -> torch.optim.Adam:
+    """Adam with the paper's moment-matching defaults beta1 = 0, beta2 = 0.99, eps = 1e-12."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def clone_trainable(module: nn.Module) -> nn.Module:
+    """A trainable copy (student or aux initialised from the teacher): same architecture and weights."""
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(True)
+    clone.train()
+    return clone
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """The teacher: eval mode, no gradients for its parameters."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay} must lie in [0, 1)")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(_unwrap(module)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        src = _unwrap(module)
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in src.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), src.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        self.module.load_state_dict(state["module"])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+
+
+def _update(loss: torch.Tensor, params: list[torch.Tensor], opt: torch.optim.Optimizer, clip: float | None):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    opt.step()
+    return norm
+
+
+class TeacherStep:
+    """One denoising-loss update of a teacher (with condition dropout for classifier-free guidance)."""
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        opt: torch.optim.Optimizer,
+        schedule: Schedule,
+        *,
+        weighting: str = "snr_plus_one",
+        cond_drop_prob: float = 0.0,
+        null_cond: int | None = None,
+        grad_clip: float | None = 1.0,
+        ema: EMA | None = None,
+    ):
+        self.denoiser, self.opt, self.schedule, self.ema = denoiser, opt, schedule, ema
+        self.weighting, self.cond_drop_prob, self.null_cond, self.grad_clip = (
+            weighting, cond_drop_prob, null_cond, grad_clip,
+        )
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+
+    def __call__(self, n: int, x: torch.Tensor, cond: torch.Tensor | None, generator=None) -> dict[str, float]:
+        loss = denoising_loss(
+            self.denoiser, x, cond, self.schedule, weighting=self.weighting,
+            cond_drop_prob=self.cond_drop_prob, null_cond=self.null_cond, generator=generator,
+        ).mean()
+        norm = _update(loss, self.params, self.opt, self.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.denoiser)
+        return {"loss/teacher": loss.item(), "grad_norm/teacher": norm.item()}
+
+
+class AlternatingStep:
+    """Strict 1:1 alternation: even n updates the aux denoiser, odd n the student (method.md 4, step 6)."""
+
+    def __init__(
+        self,
+        method: AlternatingMomentMatching,
+        teacher: nn.Module,
+        student: nn.Module,
+        aux: nn.Module,
+        opt_student: torch.optim.Optimizer,
+        opt_aux: torch.optim.Optimizer,
+        *,
+        grad_clip: float | None = 1.0,
+        ema: EMA | None = None,
+    ):
+        self.method, self.teacher, self.student, self.aux = method, teacher, student, aux
+        self.opt_student, self.opt_aux, self.grad_clip, self.ema = opt_student, opt_aux, grad_clip, ema
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
+        self.aux_params = [p for p in aux.parameters() if p.requires_grad]
+
+    def __call__(self, n: int, x: torch.Tensor, cond: torch.Tensor | None, generator=None) -> dict[str, float]:
+        if n % 2 == 0:
+            with torch.no_grad():
+                r = self.method.rollout(self.student, x, cond, generator)
+            loss = self.method.aux_loss(r, self.aux, self.teacher, cond).mean()
+            norm = _update(loss, self.aux_params, self.opt_aux, self.grad_clip)
+            return {"loss/aux": loss.item(), "grad_norm/aux": norm.item()}
+        r = self.method.rollout(self.student, x, cond, generator)
+        loss = self.method.student_loss(r, self.aux, self.teacher, cond).mean()
+        norm = _update(loss, self.student_params, self.opt_student, self.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.student)
+        return {"loss/student": loss.item(), "grad_norm/student": norm.item()}
+
+
+class ParameterSpaceStep:
+    """Every n updates the student with the parameter-space moment-matching loss (no aux network)."""
+
+    def __init__(
+        self,
+        method: ParameterSpaceMomentMatching,
+        teacher: nn.Module,
+        student: nn.Module,
+        opt_student: torch.optim.Optimizer,
+        *,
+        grad_clip: float | None = 1.0,
+        ema: EMA | None = None,
+    ):
+        self.method, self.teacher, self.student = method, teacher, student
+        self.opt_student, self.grad_clip, self.ema = opt_student, grad_clip, ema
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
+
+    def __call__(self, n: int, x: torch.Tensor, cond: torch.Tensor | None, generator=None) -> dict[str, float]:
+        loss = self.method.student_loss(self.student, self.teacher, x, cond, generator).mean()
+        norm = _update(loss, self.student_params, self.opt_student, self.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.student)
+        return {"loss/student": loss.item(), "grad_norm/student": norm.item()}

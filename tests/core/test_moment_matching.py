@@ -1,0 +1,185 @@
+"""Moment-matching losses and steps: gradients against their closed forms."""
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from rayflow.core.diffusion import Denoiser, diffuse
+from rayflow.core.moment_matching import (
+    AlternatingMomentMatching,
+    ParameterSpaceMomentMatching,
+    adam_preconditioner,
+    sample_times,
+)
+from rayflow.core.schedule import CosineSchedule
+from rayflow.core.steps import EMA, AlternatingStep, ParameterSpaceStep, clone_trainable, freeze, make_adam
+from rayflow.nets import build_net
+
+SCH = CosineSchedule()
+
+
+def _denoiser(seed=0, dim=3, num_classes=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Denoiser(build_net("mlp", dim=dim, width=32, depth=2, num_classes=num_classes), SCH, "v").to(dtype)
+
+
+def test_sample_times_ranges_and_importance_weights():
+    g = torch.Generator().manual_seed(0)
+    s, t, iw = sample_times(200_000, 4, generator=g)
+    assert (t >= s).all() and (t <= 1).all() and (t - s <= 0.25 + 1e-6).all()
+    assert torch.all(iw == 1)
+    s, t, iw = sample_times(400_000, 4, s_sampling="mixed", s_min=1e-3, generator=g)
+    # E_p[f(s) / p(s)] = integral of f over (0, 1): check with f(s) = s^2 (= 1/3) and f = 1
+    assert (iw * s**2).mean().item() == pytest.approx(1 / 3, rel=1e-2)
+    assert iw.mean().item() == pytest.approx(1.0, rel=1e-2)
+    # small s is visited often: P(s < 0.01) = 0.5 * 0.01 + 0.5 * log(10) / log(1000) = 0.1717
+    assert (s < 0.01).float().mean().item() == pytest.approx(0.1717, abs=0.005)
+    _, t_full, _ = sample_times(1000, 4, jump="full", generator=g)
+    assert t_full.min().item() >= 0.25 - 1e-6
+    with pytest.raises(ValueError, match="s_sampling"):
+        sample_times(2, 4, s_sampling="beta")
+
+
+def test_student_gradient_vanishes_when_aux_and_teacher_agree():
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(teacher), clone_trainable(teacher)
+    mm = AlternatingMomentMatching(SCH, steps=4)
+    x = torch.randn(64, 3)
+    r = mm.rollout(student, x, None, torch.Generator().manual_seed(0))
+    mm.student_loss(r, aux, teacher, None).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max().item() == 0.0 for p in student.parameters())
+
+
+def test_student_gradient_is_weighted_moment_difference_through_the_student():
+    teacher = freeze(_denoiser(0, dtype=torch.float64))
+    student, aux = clone_trainable(_denoiser(1, dtype=torch.float64)), clone_trainable(_denoiser(2, dtype=torch.float64))
+    mm = AlternatingMomentMatching(SCH, steps=2, weighting="snr_plus_one", s_sampling="mixed")
+    x = torch.randn(16, 3, dtype=torch.float64)
+    r = mm.rollout(student, x, None, torch.Generator().manual_seed(0))
+    loss = mm.student_loss(r, aux, teacher, None).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    # closed form: mean_b w_b (g_phi - g_theta)_b^T d x_tilde_b / d eta / dim, as a vector-Jacobian product
+    with torch.no_grad():
+        diff = aux(r.z_s, r.s, None) - teacher(r.z_s, r.s, None)
+    v = r.weight[:, None] * diff / (x.shape[0] * x.shape[1])
+    x_tilde = student(r.z_t, r.t, None)
+    ref = torch.autograd.grad(x_tilde, list(student.parameters()), grad_outputs=v)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_z_s_carries_no_gradient_and_aux_loss_targets():
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(_denoiser(1)), clone_trainable(_denoiser(2))
+    mm = AlternatingMomentMatching(SCH, steps=2)
+    r = mm.rollout(student, torch.randn(8, 3), None)
+    assert r.x_tilde.requires_grad and not r.z_s.requires_grad
+    loss = mm.aux_loss(r, aux, teacher, None)
+    assert loss.shape == (8,)
+    loss.mean().backward()
+    assert all(p.grad is None for p in student.parameters())  # aux loss never reaches the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
+    # aux loss value: w (||x_tilde - g_phi||^2 + ||g_theta - g_phi||^2) / dim
+    with torch.no_grad():
+        a = aux(r.z_s, r.s, None)
+        ref = r.weight * ((r.x_tilde - a).pow(2).mean(1) + (teacher(r.z_s, r.s, None) - a).pow(2).mean(1))
+    torch.testing.assert_close(loss.detach(), ref)
+
+
+def test_alternating_step_alternates_and_updates_ema():
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(teacher), clone_trainable(_denoiser(3))
+    ema = EMA(student, decay=0.5)
+    step = AlternatingStep(
+        AlternatingMomentMatching(SCH, steps=2), teacher, student, aux,
+        make_adam(student.parameters(), 1e-3), make_adam(aux.parameters(), 1e-3), ema=ema,
+    )
+    s0, a0 = copy.deepcopy(student.state_dict()), copy.deepcopy(aux.state_dict())
+    m0 = step(0, torch.randn(32, 3), None)
+    assert set(m0) == {"loss/aux", "grad_norm/aux"}
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
+    assert any(not torch.equal(v, aux.state_dict()[k]) for k, v in a0.items())
+    a1 = copy.deepcopy(aux.state_dict())
+    m1 = step(1, torch.randn(32, 3), None)
+    assert set(m1) == {"loss/student", "grad_norm/student"}
+    assert all(torch.equal(v, aux.state_dict()[k]) for k, v in a1.items())
+    changed = [k for k, v in s0.items() if not torch.equal(v, student.state_dict()[k])]
+    assert changed
+    # EMA with decay 0.5 after one update: halfway between the initial and the new weights
+    k = changed[0]
+    torch.testing.assert_close(ema.module.state_dict()[k], 0.5 * (s0[k] + student.state_dict()[k]))
+
+
+def test_parameter_space_jvp_equals_finite_difference():
+    teacher = freeze(_denoiser(0, dtype=torch.float64))
+    mm = ParameterSpaceMomentMatching(SCH, steps=2)
+    g = torch.Generator().manual_seed(0)
+    z, s = torch.randn(8, 3, dtype=torch.float64, generator=g), torch.rand(8, dtype=torch.float64, generator=g)
+    params = {k: v.detach() for k, v in teacher.named_parameters()}
+    nu = {k: torch.randn(v.shape, dtype=torch.float64, generator=g) for k, v in params.items()}
+    u = mm.teacher_jvp(teacher, nu, z, s, None)
+    h = 1e-6
+    plus = functional_call(teacher, {k: v + h * nu[k] for k, v in params.items()}, (z, s, None))
+    minus = functional_call(teacher, {k: v - h * nu[k] for k, v in params.items()}, (z, s, None))
+    torch.testing.assert_close(u, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("use_precond", [False, True])
+def test_parameter_space_gradient_equals_gradient_of_g_a_lambda_g_b(use_precond):
+    # grad_eta of the surrogate = -1/2 d/deta [ -nu^T G_B(eta) ]... i.e. +1/2 d/deta [ G_A^T Lambda G_B(eta) ],
+    # where G_B(eta) is the teacher-loss gradient on half B with z_s held fixed (double backprop reference).
+    teacher = freeze(_denoiser(0, dtype=torch.float64))
+    student = clone_trainable(_denoiser(1, dtype=torch.float64))
+    names = [k for k, _ in teacher.named_parameters()]
+    precond = None
+    if use_precond:
+        precond = {k: torch.rand(v.shape, dtype=torch.float64) + 0.5 for k, v in teacher.named_parameters()}
+    mm = ParameterSpaceMomentMatching(SCH, steps=2, precond=precond, s_sampling="mixed")
+    x = torch.randn(12, 3, dtype=torch.float64)
+    loss = mm.student_loss(student, teacher, x, None, torch.Generator().manual_seed(5)).mean()
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        r_a = mm.rollout(student, x[:6], None, g)
+    g_a = mm.teacher_gradient(r_a, teacher, None)
+    r_b = mm.rollout(student, x[6:], None, g)
+    params = {k: v.detach().requires_grad_(True) for k, v in teacher.named_parameters()}
+    x_hat = functional_call(teacher, params, (r_b.z_s, r_b.s, None))
+    lb = (r_b.weight * (r_b.x_tilde - x_hat).pow(2).mean(1)).mean()
+    g_b = torch.autograd.grad(lb, list(params.values()), create_graph=True)
+    lam = precond or {k: torch.ones_like(v) for k, v in params.items()}
+    quad = sum((g_a[k] * lam[k] * gb).sum() for k, gb in zip(names, g_b))
+    ref = torch.autograd.grad(0.5 * quad, list(student.parameters()))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_adam_preconditioner_reads_second_moments_in_parameter_order():
+    teacher = _denoiser(0)
+    opt = make_adam(teacher.parameters(), 1e-3, betas=(0.9, 0.999))
+    x = torch.randn(16, 3)
+    teacher(diffuse(x, torch.rand(16), torch.randn(16, 3), SCH), torch.rand(16)).pow(2).mean().backward()
+    opt.step()
+    names = [k for k, _ in teacher.named_parameters()]
+    pre = adam_preconditioner(opt.state_dict(), names, eps=1e-8)
+    for (k, p) in teacher.named_parameters():
+        torch.testing.assert_close(pre[k], 1.0 / (opt.state[p]["exp_avg_sq"].sqrt() + 1e-8))
+    with pytest.raises(ValueError, match="identity preconditioner"):
+        adam_preconditioner(opt.state_dict(), names[:-1])
+
+
+def test_parameter_space_step_moves_only_the_student():
+    teacher = freeze(_denoiser(0))
+    student = clone_trainable(teacher)
+    t0 = copy.deepcopy(teacher.state_dict())
+    step = ParameterSpaceStep(ParameterSpaceMomentMatching(SCH, steps=2), teacher, student,
+                              make_adam(student.parameters(), 1e-3))
+    s0 = copy.deepcopy(student.state_dict())
+    m = step(0, torch.randn(32, 3), None)
+    assert set(m) == {"loss/student", "grad_norm/student"}
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
+    assert all(p.grad is None for p in teacher.parameters())
