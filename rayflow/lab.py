@@ -6,7 +6,6 @@ steps (`rayflow.core.steps`) on streamed images instead.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,17 @@ from torch import nn
 from rayflow.core.diffusion import Denoiser
 from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching, adam_preconditioner
 from rayflow.core.schedule import Schedule
-from rayflow.core.steps import EMA, AlternatingStep, ParameterSpaceStep, TeacherStep, clone_trainable, freeze, make_adam
+from rayflow.core.steps import (
+    EMA,
+    AlternatingStep,
+    ParameterSpaceStep,
+    TeacherStep,
+    clone_trainable,
+    cosine_lr,
+    freeze,
+    make_adam,
+    set_lr,
+)
 from rayflow.nets import build_net
 
 
@@ -29,12 +38,6 @@ class TeacherResult:
 def _batches(data: torch.Tensor, batch: int, generator: torch.Generator):
     while True:
         yield data[torch.randint(0, data.shape[0], (batch,), generator=generator)]
-
-
-def _cosine_lr(opt: torch.optim.Optimizer, base: float, i: int, total: int, warmup: int = 0) -> None:
-    lr = base * min(1.0, (i + 1) / warmup) if warmup and i < warmup else base * 0.5 * (1 + math.cos(math.pi * i / total))
-    for group in opt.param_groups:
-        group["lr"] = lr
 
 
 def fit_teacher(
@@ -59,7 +62,7 @@ def fit_teacher(
     ema = EMA(den, ema_decay)
     step = TeacherStep(den, opt, schedule, weighting=weighting, ema=ema)
     for i, x in zip(range(steps), _batches(data.float(), batch, g)):
-        _cosine_lr(opt, lr, i, steps, warmup=100)
+        set_lr(opt, cosine_lr(lr, i, steps, warmup=100))
         step(i, x, None, g)
     names = [k for k, _ in den.named_parameters()]
     return TeacherResult(freeze(ema.module), opt.state_dict(), names)
@@ -109,6 +112,6 @@ def distill(
         raise ValueError(f"unknown algorithm {algorithm!r}; choose 'alternating' or 'parameter_space'")
     for i, x in zip(range(train_steps), _batches(data.float(), batch, g)):
         for opt, base in schedules:
-            _cosine_lr(opt, base, i, train_steps)
+            set_lr(opt, cosine_lr(base, i, train_steps))
         step(i, x, None, g)
     return freeze(ema.module)

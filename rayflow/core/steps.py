@@ -6,6 +6,7 @@ The even/odd alternation of moment matching lives here, in the step, not in the 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 
 import torch
@@ -21,6 +22,18 @@ def make_adam(
 ) -> torch.optim.Adam:
     """Adam with the paper's moment-matching defaults beta1 = 0, beta2 = 0.99, eps = 1e-12."""
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def cosine_lr(base: float, i: int, total: int, *, warmup: int = 0) -> float:
+    """Linear warm-up over `warmup` updates, then cosine decay from `base` to 0 at update `total`."""
+    if warmup and i < warmup:
+        return base * (i + 1) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / max(total, 1)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def clone_trainable(module: nn.Module) -> nn.Module:

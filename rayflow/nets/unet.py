@@ -98,7 +98,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @staticmethod
-    def _apply(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for m in blocks:
             h = m(h, emb) if isinstance(m, (ResBlock, SelfAttention)) else m(h)
         return h
@@ -110,11 +110,11 @@ class UNet(nn.Module):
         h = self.inp(x_in)  # (B, C, H, W)
         hs = [h]
         for blocks in self.down:
-            h = self._apply(blocks, h, emb)
+            h = self._run_blocks(blocks, h, emb)
             hs.append(h)
-        h = self._apply(self.mid, h, emb)
+        h = self._run_blocks(self.mid, h, emb)
         for blocks in self.up:
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
-            h = self._apply(blocks, h, emb)
+            h = self._run_blocks(blocks, h, emb)
         return self.out(h)  # (B, C, H, W)

@@ -1,0 +1,280 @@
+"""Typed job configuration below the entry points: dataclasses with validation that says how to fix a value.
+
+Hydra composes YAML from conf/ into a plain dict; `JobConfig.from_dict` turns it into these objects. Nothing
+below the entry points sees Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+TASKS = ("demo", "teacher", "distill")
+SOURCES = ("mnist", "digits", "image_folder", "parquet", "webdataset")
+ALGORITHMS = ("alternating", "parameter_space")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key and the fix."""
+
+
+def _fail(key: str, value: Any, fix: str) -> None:
+    raise ConfigError(f"config key '{key}' = {value!r} is invalid. FIX THIS by {fix}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(key, value, f"choosing one of {list(choices)}")
+
+
+def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        _fail(key, value, "setting a number " + (">= 0" if allow_zero else "> 0"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"  # mnist | digits | image_folder | parquet | webdataset
+    path: str | None = None  # folder or shard directory/glob for image_folder, parquet, webdataset
+    resolution: int = 32
+    channels: int = 1
+    num_classes: int = 10
+    batch_size: int = 64  # global batch: split over workers, constant when the worker count changes
+    random_flip: bool = False
+    seed: int = 0
+    on_bad_image: str = "skip"  # skip (counted and logged) | raise
+
+    def validate(self) -> None:
+        _check_choice("data.source", self.source, SOURCES)
+        if self.source in ("image_folder", "parquet", "webdataset") and not self.path:
+            _fail("data.path", self.path, f"pointing data.path at your {self.source} data")
+        _check_choice("data.channels", self.channels, (1, 3))
+        _check_choice("data.on_bad_image", self.on_bad_image, ("skip", "raise"))
+        for key in ("resolution", "num_classes", "batch_size"):
+            _check_positive(f"data.{key}", getattr(self, key))
+
+
+@dataclass
+class ModelConfig:
+    net: str = "unet"  # unet | mlp
+    channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attn_levels: list[int] = field(default_factory=lambda: [2])
+    dropout: float = 0.0
+    prediction: str = "v"  # eps | v | x: what the network outputs
+    schedule: str = "cosine"
+    base_resolution: int = 64  # logSNR shift 2 log(base / res) above this resolution
+
+    def validate(self, data: DataConfig) -> None:
+        _check_choice("model.net", self.net, ("unet",))
+        _check_choice("model.prediction", self.prediction, ("eps", "v", "x"))
+        _check_choice("model.schedule", self.schedule, ("cosine",))
+        _check_positive("model.channels", self.channels)
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if data.resolution % factor:
+            _fail(
+                "model.channel_mult",
+                self.channel_mult,
+                f"using fewer levels or a data.resolution divisible by {factor} (got {data.resolution})",
+            )
+        bad = [a for a in self.attn_levels if not 0 <= a < len(self.channel_mult)]
+        if bad:
+            _fail("model.attn_levels", self.attn_levels, f"using levels in 0..{len(self.channel_mult) - 1}")
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: str | None = None  # a teacher state_dict (.pt); trained by task=teacher or shipped
+    sha256: str | None = None  # when set, the checkpoint's SHA-256 must match
+    train_images: int = 200_000  # task=teacher: images to train on
+    lr: float = 2e-4
+    weighting: str = "snr_plus_one"  # the x-space weight of the teacher's loss (v-loss)
+    cond_drop_prob: float = 0.1  # null-class dropout, for classifier-free guidance
+    ema_decay: float = 0.999
+    guidance_scale: float = 0.0  # w in the teacher call during distillation and teacher sampling
+    sample_steps: int = 256  # steps of the teacher's ancestral sampler in evaluation
+
+    def validate(self) -> None:
+        _check_positive("teacher.train_images", self.train_images)
+        _check_positive("teacher.lr", self.lr)
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            _fail("teacher.cond_drop_prob", self.cond_drop_prob, "setting a probability in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("teacher.ema_decay", self.ema_decay, "setting a decay in [0, 1)")
+        _check_positive("teacher.guidance_scale", self.guidance_scale, allow_zero=True)
+        _check_positive("teacher.sample_steps", self.sample_steps)
+
+
+@dataclass
+class DistillConfig:
+    algorithm: str = "alternating"  # alternating | parameter_space
+    steps: int = 8  # k: the student's sampling steps
+    lr_student: float = 1e-4
+    lr_ratio: float = 1.0  # lr_aux / lr_student
+    train_images: int = 100_000  # images the distillation consumes (each optimizer update takes a batch)
+    weighting: str = "snr_plus_one"
+    s_sampling: str = "mixed"  # uniform | mixed (half log-uniform near 0, reweighted)
+    jump: str = "uniform"  # t = s + u / k with u ~ U(0, 1) | full
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    beta1: float = 0.0
+    beta2: float = 0.99
+    adam_eps: float = 1e-12
+    lr_decay: str = "cosine"  # cosine | constant
+
+    @property
+    def lr_aux(self) -> float:
+        return self.lr_student * self.lr_ratio
+
+    def validate(self) -> None:
+        _check_choice("distill.algorithm", self.algorithm, ALGORITHMS)
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1024:
+            _fail("distill.steps", self.steps, "setting an integer number of student steps in 1..1024 (e.g. 8)")
+        _check_positive("distill.lr_student", self.lr_student)
+        _check_positive("distill.lr_ratio", self.lr_ratio)
+        _check_positive("distill.train_images", self.train_images)
+        _check_choice("distill.weighting", self.weighting, ("snr", "snr_plus_one", "truncated_snr", "one"))
+        _check_choice("distill.s_sampling", self.s_sampling, ("uniform", "mixed"))
+        _check_choice("distill.jump", self.jump, ("uniform", "full"))
+        _check_choice("distill.lr_decay", self.lr_decay, ("cosine", "constant"))
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("distill.ema_decay", self.ema_decay, "setting a decay in [0, 1)")
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on small machines leaves CPU for Ray Data's tasks
+    gpus_per_worker: float = 1.0
+    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    torch_threads: int = 0  # per worker; 0 = torch's default
+
+    def validate(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            _fail("resources.num_workers", self.num_workers, "setting an integer >= 1")
+        _check_positive("resources.cpus_per_worker", self.cpus_per_worker)
+        if self.use_gpu:
+            _check_positive("resources.gpus_per_worker", self.gpus_per_worker)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite store in the working directory; or http://host:port
+    experiment: str = "rayflow"
+    sample_grid: int = 64  # images in the logged PNG grids
+
+    def resolved_uri(self) -> str:
+        return self.uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+    def validate(self) -> None:
+        uri = self.resolved_uri()
+        if not uri.startswith(("sqlite:///", "http://", "https://", "databricks")):
+            _fail(
+                "tracking.uri",
+                self.uri,
+                "using sqlite:////absolute/path.db or http://host:port (MLflow 3's file store is disabled)",
+            )
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"  # stable: rerunning the same name resumes from its latest checkpoint
+    storage_path: str = ".rayflow/runs"  # made absolute; a URI (s3://, gs://) on clusters
+    seed: int = 0
+    report_every_images: int = 4096
+    checkpoint_every_images: int = 16_384
+    eval_samples: int = 1000  # samples per model in the final evaluation
+    eval_batch: int = 250
+
+    def absolute_storage(self) -> str:
+        if "://" in self.storage_path:
+            return self.storage_path
+        return os.path.abspath(os.path.expanduser(self.storage_path))
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            _fail("run.name", self.name, "choosing a non-empty name without '/'")
+        for key in ("report_every_images", "checkpoint_every_images", "eval_samples", "eval_batch"):
+            _check_positive(f"run.{key}", getattr(self, key))
+
+
+@dataclass
+class JobConfig:
+    task: str = "demo"  # demo (teacher -> distill -> evaluate) | teacher | distill
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> JobConfig:
+        _check_choice("task", self.task, TASKS)
+        self.data.validate()
+        self.model.validate(self.data)
+        self.teacher.validate()
+        self.distill.validate()
+        self.resources.validate()
+        self.tracking.validate()
+        self.run.validate()
+        if self.data.batch_size % self.resources.num_workers:
+            _fail(
+                "data.batch_size",
+                self.data.batch_size,
+                f"using a global batch divisible by resources.num_workers={self.resources.num_workers}",
+            )
+        if self.distill.algorithm == "parameter_space" and self.data.batch_size // self.resources.num_workers < 2:
+            _fail("data.batch_size", self.data.batch_size, "using >= 2 images per worker (two batch halves)")
+        if self.task == "distill" and not self.teacher.checkpoint:
+            _fail(
+                "teacher.checkpoint",
+                None,
+                "pointing teacher.checkpoint at a teacher state_dict (train one with task=teacher)",
+            )
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        """Build and validate from a nested dict (Hydra's composed config); unknown keys are errors."""
+        return _build(cls, d, "").validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, the same keys users type as overrides (MLflow params, Tune search spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def _build(cls, d: dict[str, Any], prefix: str):
+    if not isinstance(d, dict):
+        _fail(prefix.rstrip(".") or "<root>", d, "giving a mapping of keys")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        _fail(prefix + unknown[0], d[unknown[0]], f"using one of {sorted(known)} under '{prefix or '<root>'}'")
+    kwargs = {}
+    for name, value in d.items():
+        f = known[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = list(value) if isinstance(value, tuple) else value
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Builds Ray Train / Tune / evaluation jobs from a JobConfig (driver side)."""

@@ -1,0 +1,67 @@
+"""A whole job: teacher training and/or distillation on Ray Train, evaluation, MLflow tracking."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+from rayflow import track
+from rayflow.config import JobConfig
+from rayflow.orchestrate.evaluate import evaluate
+from rayflow.orchestrate.training import export_student, export_teacher, run_training
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise a local one is started.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_job(job: JobConfig) -> dict:
+    """Run job.task ('demo', 'teacher' or 'distill'); returns the final metrics and the artifact paths."""
+    _ensure_ray()
+    t_start = time.perf_counter()
+    uri = job.tracking.resolved_uri()
+    run_id = track.start_run(job.tracking, job.run.name, job.flat(), tags={"rayflow.task": job.task})
+    out: dict = {"run_id": run_id, "tracking_uri": uri}
+    try:
+        export_dir = os.path.join(job.run.absolute_storage(), job.run.name, "export")
+        teacher_path = job.teacher.checkpoint
+        if job.task == "teacher" or (job.task == "demo" and not teacher_path):
+            teacher_path = os.path.join(export_dir, "teacher.pt")
+            if job.task == "teacher" or not os.path.isfile(teacher_path):  # the demo reuses a cached teacher
+                res = run_training(
+                    job,
+                    "teacher",
+                    f"{job.run.name}-teacher",
+                    callbacks=[track.MLflowReportCallback(uri, run_id, prefix="teacher.")],
+                )
+                teacher_path, digest = export_teacher(res.checkpoint_dir, export_dir)
+                track.log_artifact_file(uri, run_id, teacher_path, "teacher")
+                out["teacher_sha256"] = digest
+        out["teacher_path"] = teacher_path
+        if job.task in ("demo", "distill"):
+            job.teacher.checkpoint = teacher_path
+            res = run_training(
+                job,
+                "distill",
+                f"{job.run.name}-distill",
+                callbacks=[track.MLflowReportCallback(uri, run_id, prefix="")],
+            )
+            student_path, digest = export_student(res.checkpoint_dir, export_dir)
+            track.log_artifact_file(uri, run_id, student_path, "student")
+            out.update(student_path=student_path, student_sha256=digest)
+            ev = evaluate(job, teacher_path, student_path, os.path.join(job.run.absolute_storage(), "cache"))
+            track.log_metrics(uri, run_id, ev["metrics"], step=0)
+            for name, x in ev["samples"].items():
+                track.log_image_grid(uri, run_id, x[: job.tracking.sample_grid].numpy(), f"samples/{name}.png")
+            out["metrics"] = ev["metrics"]
+        out["wall_s"] = time.perf_counter() - t_start
+        track.log_metrics(uri, run_id, {"job.wall_s": out["wall_s"]}, step=0)
+        track.end_run(uri, run_id, "FINISHED")
+    except BaseException:
+        track.end_run(uri, run_id, "FAILED")
+        raise
+    return out

@@ -1,0 +1,76 @@
+"""One Ray Train run (teacher training or distillation) and the export of its result."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from rayflow.config import JobConfig
+from rayflow.models import save_state_dict
+from rayflow.orchestrate.datasets import train_dataset
+from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
+from rayflow.worker.state import TEACHER_PRECOND
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str  # <storage_path>/<name>
+    checkpoint_dir: str | None  # latest checkpoint directory (local storage) or URI
+    return_value: dict
+
+
+def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> TrainOutcome:
+    """Train `role` ('teacher' or 'distill') on Ray Train as run `name`; rerunning the same name resumes."""
+    r = job.resources
+    per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "role": role},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=job.run.absolute_storage(),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+        datasets={"train": train_dataset(job.data)},
+    )
+    result = trainer.fit()
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {})
+
+
+def load_checkpoint_state(checkpoint_dir: str) -> dict:
+    """The worker state saved in a checkpoint directory (weights only)."""
+    return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
+    """Write the teacher's EMA weights as `teacher.pt` (state_dict only) and its diagonal preconditioner 1 / (sqrt(Adam v) + 1e-8) by
+    parameter name as `teacher_precond.pt` (the parameter-space preconditioner). Returns (path, sha256)."""
+    state = load_checkpoint_state(checkpoint_dir)
+    weights = state["ema"]["module"]
+    path = os.path.join(out_dir, "teacher.pt")
+    digest = save_state_dict(weights, path)
+    opt = state["optimizers"]["teacher"]
+    names = [k for k in state["models"]["teacher"] if k in weights and weights[k].is_floating_point()]
+    order = [i for g in opt["param_groups"] for i in g["params"]]
+    if len(order) == len(names):
+        v = {n: opt["state"][i]["exp_avg_sq"] for i, n in zip(order, names) if i in opt["state"]}
+        if len(v) == len(names):
+            save_state_dict({n: 1.0 / (t.sqrt() + 1e-8) for n, t in v.items()}, os.path.join(out_dir, TEACHER_PRECOND))
+    return path, digest
+
+
+def export_student(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
+    """Write the student's EMA weights as `student.pt` (state_dict only). Returns (path, sha256)."""
+    state = load_checkpoint_state(checkpoint_dir)
+    path = os.path.join(out_dir, "student.pt")
+    return path, save_state_dict(state["ema"]["module"], path)

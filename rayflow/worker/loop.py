@@ -1,0 +1,134 @@
+"""The per-worker training function handed to TorchTrainer: plain torch around the core's step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+
+import ray.train
+import ray.train.torch
+import torch
+
+from rayflow.config import JobConfig
+from rayflow.data.pipeline import iter_torch_batches
+from rayflow.models import save_state_dict
+from rayflow.worker.state import TrainState, build_state
+
+STATE_FILE = "state.pt"
+
+
+def _seed(*parts: int) -> int:
+    # RNG seeded from (seed, rank, update): a restarted worker draws exactly what it would have drawn.
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def restore(state: TrainState) -> bool:
+    """Load the latest checkpoint of this run (after a worker restart or a rerun of the same command)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return False
+    with ckpt.as_directory() as d:
+        state.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True))
+    return True
+
+
+def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int) -> None:
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:  # one writer; the other ranks report metrics only
+            save_state_dict(state.state_dict(), os.path.join(d, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill"}."""
+    job = JobConfig.from_dict(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if job.resources.torch_threads:
+        torch.set_num_threads(job.resources.torch_threads)
+    device = ray.train.torch.get_device()
+    state = build_state(job, config["role"], device, wrap=ray.train.torch.prepare_model)
+    resumed = restore(state)
+    c = state.counters
+    per_worker = job.data.batch_size // world
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and job.resources.bf16
+        else contextlib.nullcontext()
+    )
+    shard = ray.train.get_dataset_shard("train")
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
+    last_report = c.images_seen // job.run.report_every_images
+    last_ckpt = c.images_seen // job.run.checkpoint_every_images
+    while c.updates < state.total_updates:
+        batches = iter_torch_batches(shard, per_worker, device, local_shuffle_buffer_size=None, drop_last=True)
+        t0 = time.perf_counter()
+        progressed = False
+        for i, (x, label) in enumerate(batches):
+            if i < c.batch_in_epoch:  # resume inside an epoch: skip what was consumed before the restart
+                t0 = time.perf_counter()
+                continue
+            progressed = True
+            t1 = time.perf_counter()
+            wait += t1 - t0
+            g = torch.Generator(device=device).manual_seed(_seed(job.run.seed, rank, c.updates))
+            state.set_learning_rates()
+            with autocast:
+                metrics = state.step(c.updates, x, label, g)
+            for k, v in metrics.items():
+                if not math.isfinite(v):
+                    raise FloatingPointError(
+                        f"{k} = {v} at update {c.updates} (images_seen={c.images_seen}); stopping so the last "
+                        "good checkpoint stays the latest. FIX THIS by lowering the learning rate or checking data"
+                    )
+                sums[k] += v
+                counts[k] += 1  # alternating steps produce aux and student metrics on alternate updates
+            count += 1
+            c.updates += 1
+            c.images_seen += job.data.batch_size
+            c.batch_in_epoch = i + 1
+            t0 = time.perf_counter()
+            busy += t0 - t1
+            done = c.updates >= state.total_updates
+            ckpt_due = c.images_seen // job.run.checkpoint_every_images > last_ckpt or done
+            if c.images_seen // job.run.report_every_images > last_report or ckpt_due:
+                now = time.perf_counter()
+                out = {k: sums[k] / counts[k] for k in sums}
+                out.update(
+                    images_seen=c.images_seen,
+                    updates=c.updates,
+                    epoch=c.epoch,
+                    images_per_s=count * job.data.batch_size / max(now - t_last, 1e-9),
+                    data_wait_share=wait / max(wait + busy, 1e-9),
+                    lr=next(iter(state.optimizers.values()))[0].param_groups[0]["lr"],
+                )
+                _report(state, out, checkpoint=ckpt_due, rank=rank)
+                last_report = c.images_seen // job.run.report_every_images
+                last_ckpt = c.images_seen // job.run.checkpoint_every_images if ckpt_due else last_ckpt
+                sums.clear()
+                counts.clear()
+                count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
+                t0 = t_last
+            if done:
+                break
+        else:
+            if not progressed and c.batch_in_epoch == 0:
+                raise RuntimeError(
+                    "the training dataset yielded no full batch; FIX THIS by lowering "
+                    f"data.batch_size (per worker {per_worker}) or adding data"
+                )
+            c.epoch += 1
+            c.batch_in_epoch = 0
+    return {"images_seen": c.images_seen, "updates": c.updates, "epoch": c.epoch, "resumed": resumed}

@@ -1,0 +1,148 @@
+"""Training state of one role (teacher or distill) on a worker: models, optimizers, EMA, step, counters.
+
+The frozen teacher is reloaded from its own file on every start and never enters a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rayflow.config import JobConfig
+from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching
+from rayflow.core.steps import (
+    EMA,
+    AlternatingStep,
+    ParameterSpaceStep,
+    TeacherStep,
+    clone_trainable,
+    cosine_lr,
+    make_adam,
+    set_lr,
+)
+from rayflow.models import build_denoiser, guided, load_teacher
+
+ROLES = ("teacher", "distill")
+TEACHER_PRECOND = "teacher_precond.pt"  # beside an exported teacher: 1 / (sqrt(Adam v) + eps) by parameter name
+
+
+@dataclass
+class Counters:
+    updates: int = 0  # optimizer updates of any network (the alternation index n)
+    images_seen: int = 0  # global images consumed
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this worker's shard consumed in the current epoch
+
+
+@dataclass
+class TrainState:
+    role: str
+    trainables: dict[str, nn.Module]  # possibly DDP-wrapped
+    optimizers: dict[str, tuple[torch.optim.Optimizer, float]]  # name -> (optimizer, base lr)
+    ema: EMA
+    step: object
+    total_updates: int
+    lr_decay: str
+    warmup: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    def set_learning_rates(self) -> None:
+        for opt, base in self.optimizers.values():
+            lr = (
+                base
+                if self.lr_decay == "constant"
+                else cosine_lr(base, self.counters.updates, self.total_updates, warmup=self.warmup)
+            )
+            set_lr(opt, lr)
+
+    def state_dict(self) -> dict:
+        return {
+            "role": self.role,
+            "models": {k: _unwrap(m).state_dict() for k, m in self.trainables.items()},
+            "optimizers": {k: opt.state_dict() for k, (opt, _) in self.optimizers.items()},
+            "ema": self.ema.state_dict(),
+            "counters": vars(self.counters).copy(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["role"] != self.role:
+            raise ValueError(
+                f"checkpoint is for role {state['role']!r}, this run trains {self.role!r}; "
+                "FIX THIS by using a different run.name"
+            )
+        for k, m in self.trainables.items():
+            _unwrap(m).load_state_dict(state["models"][k])
+        for k, (opt, _) in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        self.ema.load_state_dict(state["ema"])
+        self.counters = Counters(**state["counters"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: m) -> TrainState:
+    """Build the role's networks on `device`; `wrap` is DDP preparation (ray.train.torch.prepare_model)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
+    updates = lambda images: max(1, images // job.data.batch_size)  # noqa: E731
+    if role == "teacher":
+        den = wrap(build_denoiser(job.model, job.data).to(device))
+        t = job.teacher
+        opt = make_adam(den.parameters(), t.lr, betas=(0.9, 0.99), eps=1e-8)
+        ema = EMA(den, t.ema_decay)
+        step = TeacherStep(
+            den,
+            opt,
+            _unwrap(den).schedule,
+            weighting=t.weighting,
+            cond_drop_prob=t.cond_drop_prob,
+            null_cond=job.data.num_classes,
+            ema=ema,
+        )
+        return TrainState(
+            role,
+            {"teacher": den},
+            {"teacher": (opt, t.lr)},
+            ema,
+            step,
+            updates(t.train_images),
+            "cosine",
+            warmup=min(500, updates(t.train_images) // 10),
+        )
+    d = job.distill
+    base = load_teacher(job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device)
+    teacher = guided(base, job.teacher.guidance_scale, job.data.num_classes)
+    student = wrap(clone_trainable(base))
+    ema = EMA(student, d.ema_decay)
+    opt_s = make_adam(student.parameters(), d.lr_student, betas=(d.beta1, d.beta2), eps=d.adam_eps)
+    kw = dict(weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump)
+    if d.algorithm == "alternating":
+        aux = wrap(clone_trainable(base))
+        opt_a = make_adam(aux.parameters(), d.lr_aux, betas=(d.beta1, d.beta2), eps=d.adam_eps)
+        method = AlternatingMomentMatching(base.schedule, d.steps, **kw)
+        step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=d.grad_clip, ema=ema)
+        return TrainState(
+            role,
+            {"student": student, "aux": aux},
+            {"student": (opt_s, d.lr_student), "aux": (opt_a, d.lr_aux)},
+            ema,
+            step,
+            updates(d.train_images),
+            d.lr_decay,
+        )
+    precond_path = os.path.join(os.path.dirname(job.teacher.checkpoint), TEACHER_PRECOND)
+    precond = torch.load(precond_path, map_location=device, weights_only=True) if os.path.isfile(precond_path) else None
+    if precond is not None and job.teacher.guidance_scale > 0:
+        precond = {f"denoiser.{k}": v for k, v in precond.items()}
+    method = ParameterSpaceMomentMatching(base.schedule, d.steps, precond=precond, **kw)
+    step = ParameterSpaceStep(method, teacher, student, opt_s, grad_clip=d.grad_clip, ema=ema)
+    return TrainState(
+        role, {"student": student}, {"student": (opt_s, d.lr_student)}, ema, step, updates(d.train_images), d.lr_decay
+    )
