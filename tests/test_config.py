@@ -18,7 +18,7 @@ def _job(*overrides: str) -> JobConfig:
 
 def test_default_is_the_offline_mnist_demo():
     job = _job()
-    assert job.task == "demo" and job.data.source == "mnist" and job.data.resolution == 32
+    assert job.task == "demo" and job.data.source == "mnist" and job.data.resolution == 16
     assert job.distill.steps == 8 and job.distill.algorithm == "alternating"
     assert (job.distill.beta1, job.distill.beta2, job.distill.adam_eps) == (0.0, 0.99, 1e-12)
     assert job.tracking.resolved_uri().startswith("sqlite:////")

@@ -38,6 +38,7 @@ def run_job(job: JobConfig) -> dict:
                     f"{job.run.name}-teacher",
                     callbacks=[track.MLflowReportCallback(uri, run_id, prefix="teacher.")],
                 )
+                out["teacher_train"] = res.return_value
                 teacher_path, digest = export_teacher(res.checkpoint_dir, export_dir)
                 track.log_artifact_file(uri, run_id, teacher_path, "teacher")
                 out["teacher_sha256"] = digest
@@ -50,13 +51,15 @@ def run_job(job: JobConfig) -> dict:
                 f"{job.run.name}-distill",
                 callbacks=[track.MLflowReportCallback(uri, run_id, prefix="")],
             )
+            out["distill_train"] = res.return_value
             student_path, digest = export_student(res.checkpoint_dir, export_dir)
             track.log_artifact_file(uri, run_id, student_path, "student")
             out.update(student_path=student_path, student_sha256=digest)
             ev = evaluate(job, teacher_path, student_path, os.path.join(job.run.absolute_storage(), "cache"))
             track.log_metrics(uri, run_id, ev["metrics"], step=0)
             for name, x in ev["samples"].items():
-                track.log_image_grid(uri, run_id, x[: job.tracking.sample_grid].numpy(), f"samples/{name}.png")
+                track.log_image_grid(uri, run_id, x[: job.tracking.sample_grid].numpy(), name,
+                                     artifact_path="images/samples")
             out["metrics"] = ev["metrics"]
         out["wall_s"] = time.perf_counter() - t_start
         track.log_metrics(uri, run_id, {"job.wall_s": out["wall_s"]}, step=0)

@@ -1,0 +1,172 @@
+"""Turn an ImageNet-layout folder into training shards at a fixed resolution, in parallel on Ray.
+
+    python -m rayflow.prepare --src DIR --out DIR --res 64 [--format parquet|webdataset] [--shard-size N]
+
+Decoding, centre-crop/resize (the same `center_crop_resize` the teacher's data must have used) and
+encoding run in Ray Data `map_batches` tasks; shards are written by Ray Data's parquet / webdataset
+sinks. Parquet shards hold `image` as uint8 (res, res, C) Ray tensors plus int64 `label`; webdataset
+shards hold `<class>/<stem>.png` (lossless) + `.cls`. A `manifest.json` next to the shards records
+counts, classes and every skipped file with its reason. Read shards back with
+`rayflow.data.sources.parquet_shards` / `webdataset_shards`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections import Counter
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from rayflow.data.sources import SkipLog, image_folder, list_class_files, list_files, resolve_filesystem
+from rayflow.data.transforms import CropMethod
+
+ShardFormat = Literal["parquet", "webdataset"]
+MANIFEST = "manifest.json"
+
+
+class _ShardNames(FilenameProvider):
+    """shard-<task>.<ext> instead of Ray's uuid-prefixed names: readable, and stable across reruns."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"shard-{task_index:06d}.{self.file_format}"
+
+
+def _webdataset_samples(batch: dict[str, np.ndarray], *, base: str) -> dict[str, np.ndarray]:
+    keys, pngs = [], []
+    for path, img in zip(batch["path"], batch["image"], strict=True):
+        # Key = path under src without extension; WebDataset cuts keys at the first dot, so dots go.
+        rel = os.path.splitext(str(path)[len(base) :].lstrip("/"))[0]
+        keys.append(rel.replace(".", "_"))
+        buf = io.BytesIO()
+        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return {
+        "__key__": np.array(keys, dtype=object),
+        "png": np.array(pngs, dtype=object),
+        "cls": np.array([str(int(label)).encode() for label in batch["label"]], dtype=object),
+    }
+
+
+def prepare(
+    src: str,
+    out: str,
+    res: int,
+    fmt: ShardFormat = "parquet",
+    shard_size: int = 10_000,
+    *,
+    channels: int = 3,
+    crop: CropMethod = "adm",
+) -> dict[str, Any]:
+    """Write src (root/<class>/<images>) as shards of about shard_size images at res into out.
+
+    Undecodable files are skipped and listed in the manifest. out must be empty or absent (stale
+    shards would silently join the dataset). Returns the manifest, which is also written to
+    out/manifest.json.
+    """
+    if fmt not in ("parquet", "webdataset"):
+        raise ValueError(f"format={fmt!r} is unknown; FIX THIS by using 'parquet' or 'webdataset'")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be >= 1")
+    out_fs, out_base = resolve_filesystem(out)
+    existing = out_fs.get_file_info(pafs.FileSelector(out_base, allow_not_found=True))
+    if existing:
+        raise ValueError(f"output folder {out!r} is not empty; FIX THIS by choosing a new folder or emptying it")
+
+    class_files = list_class_files(src)
+    classes = list(class_files)
+    _, src_base = resolve_filesystem(src)
+    skip_log = SkipLog()
+    ds = image_folder(src, res, channels=channels, crop=crop, skip_log=skip_log, include_paths=fmt == "webdataset")
+    if fmt == "parquet":
+        ds.write_parquet(
+            out_base,
+            filesystem=out_fs,
+            min_rows_per_file=shard_size,
+            max_rows_per_file=shard_size,
+            filename_provider=_ShardNames(file_format="parquet"),
+            # APPEND (the default) insists on uuid file names; out was checked to be empty above.
+            mode=SaveMode.OVERWRITE,
+        )
+    else:
+        samples = ds.map_batches(_webdataset_samples, fn_kwargs=dict(base=src_base), batch_format="numpy")
+        # The webdataset sink writes one tar per block and has no max_rows_per_file: cut blocks to
+        # shard_size rows (a streaming repartition). encoder=None: samples are bytes already, and
+        # Ray's default encoder would insist on PIL images.
+        samples = samples.repartition(target_num_rows_per_block=shard_size)
+        samples.write_webdataset(
+            out_base,
+            filesystem=out_fs,
+            min_rows_per_file=shard_size,
+            encoder=None,
+            filename_provider=_ShardNames(file_format="tar"),
+            mode=SaveMode.OVERWRITE,
+        )
+
+    skipped = skip_log.skipped()
+    skipped_per_class = Counter(s.path[len(src_base) :].lstrip("/").split("/")[0] for s in skipped)
+    class_counts = {c: len(class_files[c]) - skipped_per_class[c] for c in classes}
+    shards = list_files(out_fs, out_base, ["parquet" if fmt == "parquet" else "tar"])
+    num_images = sum(class_counts.values())
+    if fmt == "parquet":
+        written = sum(pq.read_metadata(s, filesystem=out_fs).num_rows for s in shards)
+        if written != num_images:
+            raise RuntimeError(f"wrote {written} rows but expected {num_images}; the shards in {out!r} are incomplete")
+    manifest = {
+        "format": fmt,
+        "res": res,
+        "channels": channels,
+        "crop": crop,
+        "src": src,
+        "num_images": num_images,
+        "num_classes": len(classes),
+        "classes": classes,  # label i is classes[i]
+        "class_counts": class_counts,
+        "num_skipped": len(skipped),
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "shard_size": shard_size,
+        "shards": [s[len(out_base) :].lstrip("/") for s in shards],
+    }
+    with out_fs.open_output_stream(f"{out_base}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints a one-line JSON summary."""
+    parser = argparse.ArgumentParser(prog="python -m rayflow.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--src", required=True, help="ImageNet-layout folder: SRC/<class>/<images>")
+    parser.add_argument("--out", required=True, help="empty or new folder for the shards and manifest.json")
+    parser.add_argument("--res", type=int, required=True, help="output resolution (square)")
+    parser.add_argument("--format", dest="fmt", choices=["parquet", "webdataset"], default="parquet")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (about)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    parser.add_argument("--crop", choices=["adm", "crop_resize"], default="adm")
+    args = parser.parse_args(argv)
+    started = not ray.is_initialized()
+    if started:
+        ray.init()  # joins RAY_ADDRESS's cluster if set, else starts a local one
+    try:
+        manifest = prepare(
+            args.src, args.out, args.res, args.fmt, args.shard_size, channels=args.channels, crop=args.crop
+        )
+    finally:
+        if started:  # leave a caller's cluster (tests, notebooks) running
+            ray.shutdown()
+    summary = {k: manifest[k] for k in ("format", "res", "num_images", "num_classes", "num_skipped")}
+    print(json.dumps(dict(summary, out=args.out, shards=len(manifest["shards"]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

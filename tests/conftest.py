@@ -1,0 +1,104 @@
+"""Shared pytest fixtures.
+
+`ray_cluster`: ONE real Ray head node per test session, started with `ray start --head` on 127.0.0.1 in
+its own process group (starting Ray costs seconds, and mixing session and per-test `ray.init` fails).
+The test process joins it as a driver; subprocesses (`python -m rayflow.train`, `ray job submit`) join
+the same cluster through RAY_ADDRESS / the dashboard address. Tests that don't need Ray never start it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Logical CPUs for the test cluster. More than this 2-core box has on purpose: Ray Train workers and
+# Ray Data read/map tasks then both get slots, instead of the data side starving silently.
+TEST_CLUSTER_CPUS = 4
+
+_TEST_ENV = {
+    # ray.train.report blocks ~2 s per call at the default controller poll interval.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # A loopback-only test cluster: token auth only gets in the way of `ray status`/job APIs.
+    "RAY_AUTH_MODE": "disabled",
+    # Ray Data's per-operator progress output floods captured logs without telling a test anything.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A head node with 4 logical CPUs and the dashboard (jobs API) on 127.0.0.1; yields
+    {"address", "dashboard", "resources", "env"} and stops the whole process group at the end."""
+    tmp = tmp_path_factory.mktemp("ray")  # short path: Ray's socket paths must stay < 108 bytes
+    env = dict(_TEST_ENV, RAY_TMPDIR=str(tmp))
+    saved = {k: os.environ.get(k) for k in [*env, "PATH"]}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError(
+            "Ray was already initialised before the ray_cluster fixture; FIX THIS by requesting the "
+            "ray_cluster fixture instead of calling ray.init() in tests"
+        )
+    port, dash = free_port(), free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    # `python` in a submitted job's entrypoint must be this environment's interpreter, as on a cluster
+    # whose image has rayflow installed.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={TEST_CLUSTER_CPUS}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
+         # fixed defaults would collide with any other Ray on this machine (the job agent then never starts)
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "metrics-export-port",
+                                                  "ray-client-server-port"))],
+        env=os.environ.copy(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+                break
+            except Exception:
+                if time.time() > deadline or head.poll() is not None:
+                    raise RuntimeError(f"the test Ray head on {address} did not come up") from None
+                time.sleep(1)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "resources": ray.cluster_resources(),
+                "env": dict(os.environ, RAY_ADDRESS=address)}
+        yield info
+    finally:
+        ray.shutdown()
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,178 @@
+"""rayflow.track against a real MLflow sqlite store (one per module: creating the schema costs ~5 s)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+mlflow = pytest.importorskip("mlflow")
+
+from rayflow import track  # noqa: E402
+from rayflow.config import TrackingConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("mlflow")
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield SimpleNamespace(uri=f"sqlite:///{root / 'mlflow.db'}", root=root)
+    mlflow.set_tracking_uri(saved)  # start_run sets the global URI; other modules must not inherit ours
+
+
+@pytest.fixture
+def experiment(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"\W", "_", request.node.name)  # one experiment per test keeps runs apart
+
+
+def _client(store) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=store.uri)
+
+
+def test_start_run_logs_params_in_batches_and_provenance_tags(store, experiment):
+    assert store.uri.startswith("sqlite:////")
+    params = {f"p{i:03d}": i for i in range(150)}  # > 100: needs two log_batch calls
+    params["long"] = "x" * 7000
+    params["list"] = [1, 2, 2]
+    tracking = TrackingConfig(uri=store.uri, experiment=experiment)
+    run_id = track.start_run(tracking, "demo", params, {"team": "vision"})
+
+    run = _client(store).get_run(run_id)
+    assert run.info.run_name == "demo" and run.info.status == "RUNNING"
+    assert len(run.data.params) == 152
+    assert run.data.params["p149"] == "149" and run.data.params["list"] == "[1, 2, 2]"
+    assert len(run.data.params["long"]) == 6000 and run.data.params["long"].endswith("...")
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["rayflow.git_commit"])
+    assert tags["rayflow.version"] == "0.1.0"
+    assert tags["rayflow.torch_version"].startswith("2.")
+    assert tags["rayflow.ray_version"] == "2.60.0" and tags["rayflow.mlflow_version"] == "3.17.2"
+    assert tags["team"] == "vision" and tags[track.RUN_KEY_TAG] == "demo"
+    # Artifacts sit next to the database, not in ./mlruns of whatever directory the driver ran in.
+    exp = _client(store).get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == str(store.root / "mlartifacts" / experiment)
+
+
+def test_rerun_reuses_interrupted_run_but_not_finished_one(store, experiment):
+    start = lambda name="job", key=None: track.start_run(  # noqa: E731
+        store.uri, name, {"lr": 0.1}, experiment=experiment, run_key=key)
+    first = start()
+    assert start() == first  # still RUNNING: the driver died without ending it
+    track.end_run(store.uri, first, "FAILED")
+    assert start() == first
+    assert _client(store).get_run(first).info.status == "RUNNING"
+    track.end_run(store.uri, first, "KILLED")
+    assert start() == first
+    track.end_run(store.uri, first, "FINISHED")
+    second = start()
+    assert second != first  # a finished run is history, not something to resume into
+    assert start(key="other-config") not in (first, second)
+    assert start(name="other-name") not in (first, second)
+    assert len(_client(store).search_runs([_client(store).get_experiment_by_name(experiment).experiment_id])) == 4
+
+
+def test_find_run(store, experiment):
+    run_id = track.start_run(store.uri, "a", {}, {track.RUN_KEY_TAG: "k'1"}, experiment=experiment)
+    exp_id = _client(store).get_experiment_by_name(experiment).experiment_id
+    assert track.find_run(store.uri, exp_id, "a", "k'1") == run_id  # a quote in the key still matches
+    assert track.find_run(store.uri, exp_id, "a", "k2") is None
+    assert track.find_run(store.uri, exp_id, "b", "k'1") is None
+    track.end_run(store.uri, run_id)
+    assert track.find_run(store.uri, exp_id, "a", "k'1") is None
+    assert track.find_run(store.uri, exp_id, "a", "k'1", statuses=["FINISHED"]) == run_id
+
+
+def test_resumed_run_keeps_first_params_and_tags_changed_ones(store, experiment):
+    run_id = track.start_run(store.uri, "r", {"images": 100, "lr": 1}, experiment=experiment)
+    assert track.start_run(store.uri, "r", {"images": 200, "lr": 1, "new": "x"}, experiment=experiment) == run_id
+    data = _client(store).get_run(run_id).data
+    assert data.params == {"images": "100", "lr": "1", "new": "x"}
+    assert data.tags["rayflow.resumed_param.images"] == "200"
+    assert "rayflow.resumed_param.lr" not in data.tags
+
+
+def test_parent_run(store, experiment):
+    parent = track.start_run(store.uri, "sweep", {}, experiment=experiment)
+    child = track.start_run(store.uri, "trial-0", {"k": 4}, experiment=experiment, parent_run_id=parent)
+    assert _client(store).get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_metrics_image_grid_and_end_run(store, experiment, tmp_path):
+    run_id = track.start_run(store.uri, "m", {}, experiment=experiment)
+    track.log_metrics(store.uri, run_id, {"loss": 0.5, "fd": np.float32(2.0), "note": "skip", "n": 3}, step=10)
+    track.log_metrics(store.uri, run_id, {"loss": 0.25}, step=20)
+    c = _client(store)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(10, 0.5), (20, 0.25)]
+    assert set(c.get_run(run_id).data.metrics) == {"loss", "fd", "n"}
+
+    images = np.linspace(-1, 1, 10 * 8 * 8).reshape(10, 1, 8, 8)
+    assert track.log_image_grid(store.uri, run_id, images, "samples_k8") == "images/samples_k8.png"
+    assert [a.path for a in c.list_artifacts(run_id, "images")] == ["images/samples_k8.png"]
+    local = c.download_artifacts(run_id, "images/samples_k8.png", str(tmp_path))
+    with Image.open(local) as im:
+        im.verify()  # a real, complete PNG
+    with Image.open(local) as im:
+        assert im.format == "PNG" and im.mode == "L" and im.size == (4 * 10 + 2, 3 * 10 + 2)
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    track.log_artifact_file(store.uri, run_id, str(notes), "reports")
+    assert [a.path for a in c.list_artifacts(run_id, "reports")] == ["reports/notes.txt"]
+    with pytest.raises(FileNotFoundError, match="FIX THIS"):
+        track.log_artifact_file(store.uri, run_id, str(tmp_path / "missing.txt"))
+
+    with pytest.raises(ValueError, match="FIX THIS"):
+        track.end_run(store.uri, run_id, "DONE")
+    track.end_run(store.uri, run_id, "KILLED")
+    assert c.get_run(run_id).info.status == "KILLED"
+
+
+def test_save_image_grid_pixels(tmp_path):
+    images = np.full((3, 3, 2, 2), -1.0)  # black
+    images[1] = 1.0  # white
+    images[2, 0] = 1.0  # red
+    path = tmp_path / "sub" / "grid.png"
+    track.save_image_grid(images, str(path), nrow=3, pad_value=7)
+    px = np.asarray(Image.open(path))
+    assert px.shape == (2 + 2 + 2, 3 * 4 + 2, 3)
+    assert (px[2, 2] == 0).all() and (px[2, 6] == 255).all() and list(px[2, 10]) == [255, 0, 0]
+    assert (px[0] == 7).all() and (px[:, 0] == 7).all() and (px[:, 4:6] == 7).all()  # 2-px padding
+    with pytest.raises(ValueError, match="channel-first"):
+        track.save_image_grid(np.zeros((2, 8, 8, 3)), str(path))
+
+
+def test_uri_checks_say_how_to_fix():
+    for bad in ("sqlite:///relative.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(ValueError, match="FIX THIS"):
+            track.client(bad)
+
+
+def test_report_callback_pickles_and_logs_rank0(store, experiment, tmp_path):
+    run_id = track.start_run(store.uri, "cb", {}, experiment=experiment)
+    cb = track.MLflowReportCallback(store.uri, run_id, prefix="distill/")
+    cb = pickle.loads(pickle.dumps(cb))  # what Ray does to ship it to the controller actor
+
+    rank1 = {"loss": 99.0, "images_seen": 128.0}
+    cb.after_report(run_context=None, metrics=[{"loss": 0.5, "images_seen": 128.0, "phase": "aux"}, rank1],
+                    checkpoint=None)
+    ckpt = SimpleNamespace(path=str(tmp_path / "checkpoint_000001"))
+    cb.after_report(run_context=None, metrics=[{"loss": 0.25, "images_seen": 256}, rank1], checkpoint=ckpt)
+    pickle.dumps(cb)  # still picklable with a live client (Ray may re-ship it)
+
+    c = _client(store)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "distill/loss")] == [(128, 0.5), (256, 0.25)]
+    assert "distill/phase" not in c.get_run(run_id).data.metrics
+    assert c.get_run(run_id).data.tags[track.CHECKPOINT_TAG] == ckpt.path
+
+
+def test_report_callback_survives_tracking_errors(store, caplog):
+    cb = track.MLflowReportCallback(store.uri, "0" * 32)  # no such run
+    with caplog.at_level(logging.WARNING, logger="rayflow.track"):
+        cb.after_report(run_context=None, metrics=[{"loss": 1.0, "images_seen": 1}], checkpoint=None)
+    assert "training continues" in caplog.text

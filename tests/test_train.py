@@ -1,0 +1,116 @@
+"""The main job end to end on a real Ray head: `python -m rayflow.train`, resume, `ray job submit`, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(tmp: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "rayflow.train", "experiment=smoke", f"run.storage_path={tmp / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *overrides]
+
+
+def _summary(stdout: str) -> dict:
+    start = stdout.index("{\n")
+    end = stdout.index("\n}\n", start) + 2
+    return json.loads(stdout[start:end])
+
+
+def _client(tmp: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    t0 = time.perf_counter()
+    proc = subprocess.run(_train_cmd(tmp), cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp, _summary(proc.stdout), proc.stdout, time.perf_counter() - t0
+
+
+def test_smoke_demo_runs_and_says_where_to_look(smoke_run):
+    tmp, out, stdout, wall = smoke_run
+    assert "mlflow ui --backend-store-uri" in stdout and out["run_id"] in stdout
+    assert out["teacher_train"]["images_seen"] == 2048 and out["distill_train"]["images_seen"] == 1024
+    for key in ("teacher_path", "student_path"):
+        assert Path(out[key]).is_file()
+    m = out["metrics"]
+    for name in ("teacher_ancestral", "teacher_ddim", "student"):
+        assert {f"eval.{name}.fd", f"eval.{name}.accuracy", f"eval.{name}.precision"} <= set(m)
+    assert m["eval.student.nfe"] == 2 and m["eval.teacher_ancestral.nfe"] == 16
+    print(f"smoke demo wall time {wall:.1f} s")
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(smoke_run):
+    tmp, out, _, _ = smoke_run
+    client = _client(tmp)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "smoke"
+    p = run.data.params
+    assert p["distill.steps"] == "2" and p["task"] == "demo" and p["data.source"] == "digits"
+    assert run.data.tags["rayflow.git_commit"]
+    # metrics logged on the controller while training, by images seen
+    hist = client.get_metric_history(out["run_id"], "loss/student")
+    assert [h.step for h in hist] == [512, 1024]
+    assert client.get_metric_history(out["run_id"], "teacher.loss/teacher")
+    for key in ("images_per_s", "data_wait_share", "grad_norm/student", "eval.student.fd"):
+        assert key in run.data.metrics, key
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "images/samples")}
+    assert {"images/samples/student.png", "images/samples/teacher_ancestral.png"} <= arts
+    assert [a.path for a in client.list_artifacts(out["run_id"], "student")] == ["student/student.pt"]
+
+
+def test_rerun_after_interrupted_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    cmd = _train_cmd(tmp_path, "task=teacher", "run.name=resume", "teacher.train_images=6144",
+                     "run.checkpoint_every_images=1024", "run.report_every_images=1024")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ray_cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    run_dir = tmp_path / "runs" / "resume-teacher"
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
+    proc.send_signal(signal.SIGINT)  # a driver stopped mid-run (SIGINT lets Ray tear the run down)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    out = _summary(done.stdout)
+    train = out["teacher_train"]
+    assert train["resumed"] is True
+    assert train["images_seen"] == 6144 and train["updates"] == 6144 // 64  # exact: nothing skipped or repeated
+    runs = _client(tmp_path).search_runs([_client(tmp_path).get_experiment_by_name("rayflow").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the rerun continued the same MLflow run
+
+
+def test_ray_job_submit_runs_the_smoke_job(ray_cluster, tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".", "--",
+           "python", "-m", "rayflow.train", "experiment=smoke", "run.name=submitted",
+           f"run.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up some seconds after the head itself
+        proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout.lower()
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("rayflow").experiment_id])
+    assert [r.info.run_name for r in runs] == ["submitted"] and runs[0].info.status == "FINISHED"
+    assert "eval.student.fd" in runs[0].data.metrics
