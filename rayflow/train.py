@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rayflow.config import ConfigError, JobConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# `${rayflow_asset:teacher-mnist16.pt}` in YAML: a file shipped inside the package (the demo's teacher).
+OmegaConf.register_new_resolver("rayflow_asset", lambda name: str(ASSETS / name), replace=True)
 
 
 def job_from_hydra(cfg: DictConfig) -> JobConfig:

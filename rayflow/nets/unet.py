@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,16 +37,29 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention over pixels, written out with einsum.
+
+    nn.MultiheadAttention's eval-mode fast path has no forward-mode AD, which the parameter-space
+    moment matching needs (torch.func.jvp through the frozen teacher); plain ops support it.
+    """
+
     def __init__(self, ch: int, heads: int = 4):
         super().__init__()
+        if ch % heads:
+            raise ValueError(f"attention channels {ch} must be divisible by heads {heads}")
+        self.heads = heads
         self.norm = _norm(ch)
-        self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        seq = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        out, _ = self.attn(seq, seq, seq, need_weights=False)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)  # (B, nh, hs, T)
+        att = torch.softmax(torch.einsum("bnct,bncs->bnts", q, k) / math.sqrt(c // self.heads), dim=-1)  # (B, nh, T, T)
+        out = torch.einsum("bnts,bncs->bnct", att, v).reshape(b, c, h, w)
+        return x + self.proj(out)
 
 
 class UNet(nn.Module):

@@ -66,3 +66,22 @@ def test_student_and_aux_start_as_exact_copies_of_a_frozen_teacher():
 def test_unknown_network_lists_choices():
     with pytest.raises(ValueError, match="choose one of"):
         build_net("transformer")
+
+
+def test_unet_supports_forward_mode_jvp_in_eval_mode():
+    # the parameter-space algorithm runs torch.func.jvp through the frozen (eval-mode) teacher
+    from torch.func import functional_call, jvp
+
+    net = build_net("unet", in_channels=1, channels=8, channel_mult=[1, 2], attn_levels=[1], num_classes=3).eval()
+    for p in net.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    params = {k: v.detach().double() for k, v in net.named_parameters()}
+    net = net.double()
+    tangent = {k: torch.randn_like(v) for k, v in params.items()}
+    x, t, c = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([0, 2])
+    _, u = jvp(lambda p: functional_call(net, p, (x, t, c)), (params,), (tangent,))
+    h = 1e-6
+    plus = functional_call(net, {k: v + h * tangent[k] for k, v in params.items()}, (x, t, c))
+    minus = functional_call(net, {k: v - h * tangent[k] for k, v in params.items()}, (x, t, c))
+    torch.testing.assert_close(u, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-7)

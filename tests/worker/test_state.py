@@ -1,0 +1,98 @@
+"""Worker state without Ray: building each role, checkpoint round trips, teacher export and the preconditioner."""
+
+import pytest
+import torch
+
+from rayflow.config import JobConfig
+from rayflow.models import save_state_dict
+from rayflow.orchestrate.training import export_student, export_teacher
+from rayflow.worker.loop import STATE_FILE
+from rayflow.worker.state import TEACHER_PRECOND, build_state
+
+TINY = {"data": {"source": "digits", "resolution": 8, "batch_size": 8},
+        "model": {"channels": 8, "channel_mult": [1, 2], "attn_levels": []}}
+
+
+def _job(**over) -> JobConfig:
+    d = {k: dict(v) for k, v in TINY.items()}
+    for key, value in over.items():
+        section, name = key.split("__")
+        d.setdefault(section, {})[name] = value
+    return JobConfig.from_dict(d)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+@pytest.fixture()
+def exported_teacher(tmp_path):
+    state = build_state(_job(), "teacher", torch.device("cpu"))
+    x, y = _batch()
+    for n in range(3):
+        state.step(n, x, y)
+    ckpt = tmp_path / "ckpt"
+    save_state_dict(state.state_dict(), ckpt / STATE_FILE)
+    path, digest = export_teacher(str(ckpt), str(tmp_path / "export"))
+    return state, path, digest
+
+
+def test_teacher_export_holds_ema_weights_and_preconditioner(exported_teacher, tmp_path):
+    state, path, digest = exported_teacher
+    weights = torch.load(path, weights_only=True)
+    for k, v in state.ema.module.state_dict().items():
+        assert torch.equal(weights[k], v)
+    pre = torch.load(tmp_path / "export" / TEACHER_PRECOND, weights_only=True)
+    opt = state.optimizers["teacher"][0]
+    for name, p in state.trainables["teacher"].named_parameters():
+        torch.testing.assert_close(pre[name], 1.0 / (opt.state[p]["exp_avg_sq"].sqrt() + 1e-8))
+    assert len(digest) == 64
+
+
+@pytest.mark.parametrize("algorithm", ["alternating", "parameter_space"])
+def test_distill_state_round_trips_through_a_checkpoint(exported_teacher, tmp_path, algorithm):
+    _, path, digest = exported_teacher
+    job = _job(teacher__checkpoint=path, teacher__sha256=digest, distill__algorithm=algorithm, distill__steps=2)
+    a = build_state(job, "distill", torch.device("cpu"))
+    if algorithm == "parameter_space":
+        assert a.step.method.precond is not None  # read from teacher_precond.pt beside the teacher
+    x, y = _batch()
+    for n in range(4):
+        a.step(n, x, y)
+        a.counters.updates += 1
+    save_state_dict(a.state_dict(), tmp_path / "s.pt")
+    b = build_state(job, "distill", torch.device("cpu"))
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert b.counters == a.counters
+    for name in a.trainables:
+        for (k, p), (_, q) in zip(a.trainables[name].state_dict().items(), b.trainables[name].state_dict().items()):
+            assert torch.equal(p, q), k
+    # the next update is identical after the round trip (optimizer state and RNG restored)
+    torch.manual_seed(1)
+    g1 = torch.Generator().manual_seed(7)
+    m1 = a.step(4, x, y, g1)
+    torch.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["torch_rng"])
+    torch.manual_seed(1)
+    m2 = b.step(4, x, y, torch.Generator().manual_seed(7))
+    assert m1 == m2
+    out, _ = export_student_from(a, tmp_path)
+    assert set(torch.load(out, weights_only=True)) == set(a.ema.module.state_dict())
+
+
+def export_student_from(state, tmp_path):
+    ckpt = tmp_path / "student-ckpt"
+    save_state_dict(state.state_dict(), ckpt / STATE_FILE)
+    return export_student(str(ckpt), str(tmp_path / "student-export"))
+
+
+def test_teacher_checkpoint_errors_are_clear(exported_teacher, tmp_path):
+    _, path, _ = exported_teacher
+    with pytest.raises(ValueError, match="SHA-256"):
+        build_state(_job(teacher__checkpoint=path, teacher__sha256="0" * 64), "distill", torch.device("cpu"))
+    wrong = _job(teacher__checkpoint=path)
+    wrong.model.channels = 16
+    with pytest.raises(ValueError, match="does not match the model config"):
+        build_state(wrong, "distill", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="task=teacher"):
+        build_state(_job(teacher__checkpoint=str(tmp_path / "nope.pt")), "distill", torch.device("cpu"))
