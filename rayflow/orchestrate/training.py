@@ -53,8 +53,8 @@ def load_checkpoint_state(checkpoint_dir: str) -> dict:
 
 
 def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
-    """Write the teacher's EMA weights as `teacher.pt` (state_dict only) and its diagonal preconditioner 1 / (sqrt(Adam v) + 1e-8) by
-    parameter name as `teacher_precond.pt` (the parameter-space preconditioner). Returns (path, sha256)."""
+    """Write the teacher's EMA weights as `teacher.pt` (state_dict only) and, as `teacher_precond.pt`, the
+    parameter-space preconditioner 1 / (sqrt(Adam v) + 1e-8) by parameter name. Returns (path, sha256)."""
     state = load_checkpoint_state(checkpoint_dir)
     weights = state["ema"]["module"]
     path = os.path.join(out_dir, "teacher.pt")

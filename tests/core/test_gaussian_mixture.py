@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from rayflow.core.diffusion import diffuse
 from rayflow.core.gaussian_mixture import GaussianMixture, MixtureDenoiser
 from rayflow.core.metrics import mixture_metrics, mode_mass_error, sliced_wasserstein2
 from rayflow.core.samplers import sample, sample_ancestral, sample_ddim, time_grid
@@ -15,8 +14,11 @@ from rayflow.core.schedule import CosineSchedule
 
 def _mixture_2d():
     return GaussianMixture.from_spec(
-        {"weights": [0.5, 0.3, 0.2], "means": [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]],
-         "stds": [[0.3, 0.6], [0.5, 0.2], [0.4, 0.4]]}
+        {
+            "weights": [0.5, 0.3, 0.2],
+            "means": [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]],
+            "stds": [[0.3, 0.6], [0.5, 0.2], [0.4, 0.4]],
+        }
     )
 
 
@@ -62,7 +64,11 @@ def test_sampling_recovers_weights_means_and_covariances():
 def test_closed_form_denoiser_matches_monte_carlo_posterior_mean():
     # E[x | z] = sum_i x_i N(z; alpha x_i, sigma^2 I) / sum_i N(z; alpha x_i, sigma^2 I), x_i ~ p(x).
     gm = GaussianMixture.from_spec(
-        {"weights": [0.6, 0.4], "means": [[-1.5, 0.0], [1.5, 0.5]], "covs": [[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.05], [-0.05, 0.4]]]}
+        {
+            "weights": [0.6, 0.4],
+            "means": [[-1.5, 0.0], [1.5, 0.5]],
+            "covs": [[[0.3, 0.1], [0.1, 0.2]], [[0.2, -0.05], [-0.05, 0.4]]],
+        }
     )
     sch = CosineSchedule()
     g = torch.Generator().manual_seed(1)
@@ -84,7 +90,9 @@ def test_denoiser_limits():
     torch.testing.assert_close(gm.denoise(z, torch.ones(5), torch.full((5,), 1e-6)), z, atol=1e-6, rtol=0)
     # pure noise: E[x | z] = E[x]
     mean = (gm.weights[:, None] * gm.means).sum(0)
-    torch.testing.assert_close(gm.denoise(z, torch.full((5,), 1e-8), torch.ones(5)), mean.expand(5, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        gm.denoise(z, torch.full((5,), 1e-8), torch.ones(5)), mean.expand(5, 2), atol=1e-6, rtol=0
+    )
     # given a component, the single-Gaussian formula
     alpha, sigma = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
     k = torch.zeros(5, dtype=torch.long)

@@ -54,7 +54,10 @@ def test_student_gradient_vanishes_when_aux_and_teacher_agree():
 
 def test_student_gradient_is_weighted_moment_difference_through_the_student():
     teacher = freeze(_denoiser(0, dtype=torch.float64))
-    student, aux = clone_trainable(_denoiser(1, dtype=torch.float64)), clone_trainable(_denoiser(2, dtype=torch.float64))
+    student, aux = (
+        clone_trainable(_denoiser(1, dtype=torch.float64)),
+        clone_trainable(_denoiser(2, dtype=torch.float64)),
+    )
     mm = AlternatingMomentMatching(SCH, steps=2, weighting="snr_plus_one", s_sampling="mixed")
     x = torch.randn(16, 3, dtype=torch.float64)
     r = mm.rollout(student, x, None, torch.Generator().manual_seed(0))
@@ -93,8 +96,13 @@ def test_alternating_step_alternates_and_updates_ema():
     student, aux = clone_trainable(teacher), clone_trainable(_denoiser(3))
     ema = EMA(student, decay=0.5)
     step = AlternatingStep(
-        AlternatingMomentMatching(SCH, steps=2), teacher, student, aux,
-        make_adam(student.parameters(), 1e-3), make_adam(aux.parameters(), 1e-3), ema=ema,
+        AlternatingMomentMatching(SCH, steps=2),
+        teacher,
+        student,
+        aux,
+        make_adam(student.parameters(), 1e-3),
+        make_adam(aux.parameters(), 1e-3),
+        ema=ema,
     )
     s0, a0 = copy.deepcopy(student.state_dict()), copy.deepcopy(aux.state_dict())
     m0 = step(0, torch.randn(32, 3), None)
@@ -165,7 +173,7 @@ def test_adam_preconditioner_reads_second_moments_in_parameter_order():
     opt.step()
     names = [k for k, _ in teacher.named_parameters()]
     pre = adam_preconditioner(opt.state_dict(), names, eps=1e-8)
-    for (k, p) in teacher.named_parameters():
+    for k, p in teacher.named_parameters():
         torch.testing.assert_close(pre[k], 1.0 / (opt.state[p]["exp_avg_sq"].sqrt() + 1e-8))
     with pytest.raises(ValueError, match="identity preconditioner"):
         adam_preconditioner(opt.state_dict(), names[:-1])
@@ -175,8 +183,9 @@ def test_parameter_space_step_moves_only_the_student():
     teacher = freeze(_denoiser(0))
     student = clone_trainable(teacher)
     t0 = copy.deepcopy(teacher.state_dict())
-    step = ParameterSpaceStep(ParameterSpaceMomentMatching(SCH, steps=2), teacher, student,
-                              make_adam(student.parameters(), 1e-3))
+    step = ParameterSpaceStep(
+        ParameterSpaceMomentMatching(SCH, steps=2), teacher, student, make_adam(student.parameters(), 1e-3)
+    )
     s0 = copy.deepcopy(student.state_dict())
     m = step(0, torch.randn(32, 3), None)
     assert set(m) == {"loss/student", "grad_norm/student"}

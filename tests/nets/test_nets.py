@@ -31,7 +31,9 @@ def test_unet_learns_to_denoise_a_fixed_image_set():
     # a few hundred steps must reduce the denoising loss on a tiny fixed data set well below its start
     torch.manual_seed(0)
     sch = CosineSchedule()
-    den = Denoiser(build_net("unet", in_channels=1, channels=16, channel_mult=[1, 2], attn_levels=[], num_classes=2), sch)
+    den = Denoiser(
+        build_net("unet", in_channels=1, channels=16, channel_mult=[1, 2], attn_levels=[], num_classes=2), sch
+    )
     x = torch.zeros(8, 1, 8, 8)
     x[:4, :, 2:6, 2:6] = 1.0
     x[4:, :, :, 3:5] = -1.0

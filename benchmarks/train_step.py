@@ -1,0 +1,313 @@
+"""Train-step cost: moment matching vs teacher training, and a Ray Train worker vs a plain torch loop.
+
+    python benchmarks/train_step.py [--res 16] [--batch 64] [--updates 60] [--channels 16] [--out FILE.json]
+                                    [--plain-updates 30] [--warmup 4] [--report-every 10]
+
+Both parts use the same model (a UNet, model.channels wide, channel_mult [1, 2], no attention levels, so
+only the mid block's self-attention), the built-in `digits` source at --res px and one torch thread.
+
+1. Plain torch, in this process, on one fixed batch of `digits`: after --warmup updates of each, the
+   teacher step (`build_state(job, "teacher")`), the alternating moment-matching step (aux and student
+   updates alternate, so it is always timed over an even number of updates: aux+student pairs) and the
+   parameter-space step (`build_state(job, "distill")`) run interleaved, two updates of each per round,
+   so load from other processes on the machine hits all three alike. Each update is timed the way the
+   worker loop runs it: learning-rate update, seeded generator, step. Ratios alternating/teacher and
+   parameter_space/teacher are per optimizer update; `per_student_update` doubles the alternating one,
+   since only every other alternating update moves the student.
+2. Ray Train: `run_training(job, "distill", ...)` (1 worker, alternating, --updates updates) on a local Ray
+   cluster this script starts, with a random teacher checkpoint written by build_denoiser +
+   save_state_dict. The worker reports `images_per_s` (time between reports, report calls excluded) and
+   `data_wait_share` every --report-every updates; a controller callback appends each report to a file.
+   The first report window includes dataset start-up and is left out of the steady state; the steady
+   seconds/update is the windows' total time over their updates (`compute_only` also takes out the time
+   spent waiting for batches). It is compared with the plain alternating loop of part 1 and with a
+   second plain run after Ray has shut down (the machine's load drifts; the ratio uses both).
+   fit() wall time is split into startup (fit() start to the first report, less the first window's
+   updates at the steady rate), teardown (last report to fit() return) and the rest.
+Means are the headline figures; since other processes only ever add time, each line also has a median
+(of aux+student pairs) and the best --report-every-update window, and the Ray ratio is also given for
+the best windows. Prints one JSON line per measurement and one per ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayflow.config import JobConfig
+from rayflow.models import build_denoiser, save_state_dict
+from rayflow.worker.state import TrainState, build_state
+
+BENCH = "train_step"
+METHODS = ("teacher", "alternating", "parameter_space")
+
+
+def job_dict(args: argparse.Namespace, teacher_path: str | None, storage: str, algorithm: str) -> dict[str, Any]:
+    updates = args.updates
+    return {
+        "task": "distill" if teacher_path else "teacher",
+        "data": {
+            "source": "digits",
+            "resolution": args.res,
+            "channels": 1,
+            "num_classes": 10,
+            "batch_size": args.batch,
+        },
+        "model": {"channels": args.channels, "channel_mult": [1, 2], "attn_levels": []},
+        "teacher": {"checkpoint": teacher_path, "train_images": updates * args.batch},
+        "distill": {"algorithm": algorithm, "train_images": updates * args.batch},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1, "max_failures": 0},
+        "run": {
+            "name": "train-step-bench",
+            "storage_path": storage,
+            "report_every_images": args.report_every * args.batch,
+            "checkpoint_every_images": 10 * updates * args.batch,  # only the final report checkpoints
+        },
+    }
+
+
+def digits_batch(res: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `batch` images of the `digits` source, as the Ray pipeline makes them (no flip)."""
+    from sklearn.datasets import load_digits
+
+    from rayflow.data.transforms import center_crop_resize, to_model_input
+
+    bunch = load_digits()
+    small = np.round(bunch.images[:batch] * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (B, 8, 8, 1)
+    images = np.stack([center_crop_resize(im, res) for im in small])  # (B, res, res, 1)
+    return torch.from_numpy(to_model_input(images)), torch.from_numpy(bunch.target[:batch].astype(np.int64))
+
+
+class Timed:
+    """One method's state and its per-update times, stepped the way worker/loop.py steps it."""
+
+    def __init__(self, name: str, state: TrainState, x: torch.Tensor, label: torch.Tensor, seed: int = 0):
+        self.name, self.state, self.x, self.label, self.seed = name, state, x, label, seed
+        self.times: list[float] = []
+
+    def _one(self) -> None:
+        c = self.state.counters
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + c.updates)
+        self.state.set_learning_rates()
+        self.state.step(c.updates, self.x, self.label, g)
+        c.updates += 1
+
+    def run(self, n: int, *, record: bool = True) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self._one()
+            if record:
+                self.times.append(time.perf_counter() - t0)
+
+    def summary(self, window: int) -> dict[str, Any]:
+        t = self.times
+        pairs = [(a + b) / 2 for a, b in zip(t[0::2], t[1::2])]
+        chunks = [statistics.fmean(t[i : i + window]) for i in range(0, len(t) - window + 1, window)]
+        out: dict[str, Any] = {
+            "bench": BENCH,
+            "measure": "plain_step",
+            "method": self.name,
+            "s_per_update": round(statistics.fmean(t), 4),
+            "median_pair_s": round(statistics.median(pairs), 4),
+            "best_window_s": round(min(chunks), 4) if chunks else None,  # windows as long as Ray's
+            "updates": len(t),
+        }
+        if self.name == "alternating":  # updates alternate aux (even n) and student (odd n), from n = 0
+            out["aux_s"] = round(statistics.fmean(t[0::2]), 4)
+            out["student_s"] = round(statistics.fmean(t[1::2]), 4)
+        return out
+
+
+def plain_steps(
+    args: argparse.Namespace, teacher_path: str, storage: str, methods: tuple[str, ...], updates: int
+) -> dict[str, dict]:
+    """Interleaved in-process timing of `methods` on one fixed batch; returns the summary per method."""
+    x, label = digits_batch(args.res, args.batch)
+    timed = []
+    for name in methods:
+        role, algorithm = ("teacher", "alternating") if name == "teacher" else ("distill", name)
+        job = JobConfig.from_dict(job_dict(args, teacher_path if role == "distill" else None, storage, algorithm))
+        timed.append(Timed(name, build_state(job, role, torch.device("cpu")), x, label))
+    for t in timed:
+        t.run(args.warmup, record=False)
+    for _ in range(updates // 2):
+        for t in timed:
+            t.run(2)
+    return {t.name: t.summary(args.report_every) for t in timed}
+
+
+def report_collector(path: str):
+    """A Ray Train controller callback that appends every report of rank 0 (plus a wall-clock stamp) to `path`."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ReportLog(UserCallback):
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any | None) -> None:
+            rank0 = {k: v for k, v in (metrics[0] if metrics else {}).items() if isinstance(v, (int, float))}
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "checkpoint": checkpoint is not None, **rank0}) + "\n")
+
+    return ReportLog(path)
+
+
+def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[str, Any]:
+    """One run_training('distill') on a fresh local Ray cluster; its timings from the per-report metrics."""
+    ray_tmp = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else every report blocks ~2 s
+    os.environ.setdefault("RAY_TMPDIR", ray_tmp)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    import ray
+    import ray.data
+
+    from rayflow.orchestrate.training import run_training
+
+    job = JobConfig.from_dict(job_dict(args, teacher_path, storage, "alternating"))
+    os.makedirs(storage, exist_ok=True)
+    reports_path = os.path.join(storage, "reports.jsonl")
+    t_init = time.perf_counter()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        init_s = time.perf_counter() - t_init
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        t_start = time.time()
+        outcome = run_training(job, "distill", "train-step-bench", callbacks=[report_collector(reports_path)])
+        t_end = time.time()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    with open(reports_path) as f:
+        reports = [json.loads(line) for line in f]
+    windows = []  # (updates, seconds, data wait share) per report window
+    prev = 0
+    for r in reports:
+        n = int(r["updates"]) - prev
+        prev = int(r["updates"])
+        windows.append((n, n * args.batch / r["images_per_s"], r["data_wait_share"]))
+    steady = windows[1:]
+    if not steady:
+        raise RuntimeError("only one report window; FIX THIS by raising --updates or lowering --report-every")
+    steady_updates = sum(n for n, _, _ in steady)
+    steady_time = sum(s for _, s, _ in steady)
+    s_per_update = steady_time / steady_updates
+    compute_s = sum(s * (1 - w) for _, s, w in steady) / steady_updates
+    fit_wall = t_end - t_start
+    startup = (reports[0]["time"] - t_start) - windows[0][0] * s_per_update
+    teardown = t_end - reports[-1]["time"]
+    return {
+        "bench": BENCH,
+        "measure": "ray_train_worker",
+        "method": "alternating",
+        "s_per_update": round(s_per_update, 4),
+        "compute_only_s_per_update": round(compute_s, 4),
+        "data_wait_share": round(1 - compute_s / s_per_update, 4),
+        "steady_updates": steady_updates,
+        "reports": len(reports),
+        "best_window_s_per_update": round(min(s / n for n, s, _ in steady), 4),
+        "first_window_s_per_update": round(windows[0][1] / windows[0][0], 4),
+        "fit_wall_s": round(fit_wall, 2),
+        "startup_s": round(startup, 2),
+        "teardown_s": round(teardown, 2),
+        "other_s": round(fit_wall - startup - teardown - outcome.return_value["updates"] * s_per_update, 2),
+        "updates": outcome.return_value["updates"],
+        "ray_init_s": round(init_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--res", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--updates", type=int, default=60, help="updates of the Ray Train run")
+    parser.add_argument("--channels", type=int, default=16, help="model.channels")
+    parser.add_argument("--plain-updates", type=int, default=30, help="timed in-process updates per method")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed in-process updates per method")
+    parser.add_argument("--report-every", type=int, default=10, help="updates per Ray Train report window")
+    parser.add_argument("--out", help="also write all records to this JSON file")
+    args = parser.parse_args(argv)
+    for flag in ("updates", "plain_updates", "warmup", "report_every"):
+        if getattr(args, flag) % 2:  # alternating: whole aux+student pairs in every timed stretch
+            parser.error(f"--{flag.replace('_', '-')} must be even")
+    torch.set_num_threads(1)
+    common = {
+        "res": args.res,
+        "batch": args.batch,
+        "channels": args.channels,
+        "torch_threads": 1,
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    records: list[dict] = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rayflow-train-step-") as tmp:
+        job = JobConfig.from_dict(job_dict(args, None, tmp, "alternating"))
+        torch.manual_seed(0)
+        teacher_path = os.path.join(tmp, "teacher.pt")
+        save_state_dict(build_denoiser(job.model, job.data).state_dict(), teacher_path)
+
+        plain = plain_steps(args, teacher_path, tmp, METHODS, args.plain_updates)
+        for s in plain.values():
+            emit({**s, **common})
+        ray_result = ray_fit(args, teacher_path, os.path.join(tmp, "runs"))
+        emit({**ray_result, **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
+        after = plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"]
+        emit({**after, "measure": "plain_step_after_ray", **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
+
+    teacher_s = plain["teacher"]["s_per_update"]
+    alt_s = plain["alternating"]["s_per_update"]
+    emit(
+        {
+            "bench": BENCH,
+            "metric": "alternating_over_teacher",
+            "ratio": round(alt_s / teacher_s, 3),
+            "per_student_update": round(2 * alt_s / teacher_s, 3),
+        }
+    )
+    emit(
+        {
+            "bench": BENCH,
+            "metric": "parameter_space_over_teacher",
+            "ratio": round(plain["parameter_space"]["s_per_update"] / teacher_s, 3),
+        }
+    )
+    plain_alt = (alt_s * plain["alternating"]["updates"] + after["s_per_update"] * after["updates"]) / (
+        plain["alternating"]["updates"] + after["updates"]
+    )
+    bests = [r["best_window_s"] for r in (plain["alternating"], after) if r["best_window_s"]]
+    plain_best = min(bests) if bests else None
+    emit(
+        {
+            "bench": BENCH,
+            "metric": "ray_worker_over_plain_loop",
+            "plain_s_per_update": round(plain_alt, 4),
+            "ratio": round(ray_result["s_per_update"] / plain_alt, 3),
+            "compute_only_ratio": round(ray_result["compute_only_s_per_update"] / plain_alt, 3),
+            "best_window_ratio": round(ray_result["best_window_s_per_update"] / plain_best, 3) if plain_best else None,
+        }
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
