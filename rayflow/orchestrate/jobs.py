@@ -6,6 +6,7 @@ import os
 import time
 
 import ray
+import torch
 
 from rayflow import track
 from rayflow.config import JobConfig
@@ -55,6 +56,8 @@ def run_job(job: JobConfig) -> dict:
             student_path, digest = export_student(res.checkpoint_dir, export_dir)
             track.log_artifact_file(uri, run_id, student_path, "student")
             out.update(student_path=student_path, student_sha256=digest)
+            if job.resources.torch_threads:  # sampling on the driver: more threads than cores slow it down
+                torch.set_num_threads(job.resources.torch_threads)
             ev = evaluate(job, teacher_path, student_path, os.path.join(job.run.absolute_storage(), "cache"))
             track.log_metrics(uri, run_id, ev["metrics"], step=0)
             for name, x in ev["samples"].items():
