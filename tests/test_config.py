@@ -48,7 +48,7 @@ def test_smoke_experiment_selects_tiny_settings():
         (["distill.steps=0"], "distill.steps"),
         (["distill.algorithm=dmd"], "distill.algorithm"),
         (["data.batch_size=63", "resources.num_workers=2"], "data.batch_size"),
-        (["task=distill"], "teacher.checkpoint"),
+        (["task=distill", "teacher.checkpoint=null"], "teacher.checkpoint"),
         (["tracking.uri=./mlruns"], "tracking.uri"),
         (["data=imagenet64", "data.path=null"], "data.path"),
         (["model.attn_levels=[5]"], "model.attn_levels"),
