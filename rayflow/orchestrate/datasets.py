@@ -13,25 +13,9 @@ def source_dataset(data: DataConfig) -> ray.data.Dataset:
     """The configured source: uint8 `image` (H, W, C) at data.resolution and int64 `label`."""
     if data.source in ("mnist", "digits"):
         return make_source(data.source, res=data.resolution)
-    return (
-        make_source(
-            data.source,
-            path=data.path,
-            res=data.resolution,
-            channels=data.channels,
-            on_error=data.on_bad_image,
-            file_shuffle_seed=data.seed,
-        )
-        if data.source != "image_folder"
-        else make_source(
-            "image_folder",
-            root=data.path,
-            res=data.resolution,
-            channels=data.channels,
-            on_error=data.on_bad_image,
-            file_shuffle_seed=data.seed,
-        )
-    )
+    where = {"root": data.path} if data.source == "image_folder" else {"path": data.path}
+    return make_source(data.source, **where, res=data.resolution, channels=data.channels,
+                       on_error=data.on_bad_image, file_shuffle_seed=data.seed)
 
 
 def train_dataset(data: DataConfig) -> ray.data.Dataset:
