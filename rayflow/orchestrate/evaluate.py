@@ -18,7 +18,7 @@ from rayflow.orchestrate.datasets import train_dataset
 def real_images(job: JobConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to n preprocessed real images (N, C, H, W) in [-1, 1] and labels, from the training pipeline."""
     batch = train_dataset(job.data).limit(n).take_batch(n, batch_format="numpy")
-    return torch.from_numpy(np.stack(batch["image"])).float(), torch.from_numpy(batch["label"]).long()
+    return torch.from_numpy(np.stack(batch["image"])).float(), torch.from_numpy(np.array(batch["label"])).long()
 
 
 def generate(
