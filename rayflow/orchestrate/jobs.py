@@ -20,6 +20,22 @@ def _ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
+def _train_and_export(job: JobConfig, role: str, export, export_dir: str, run_id: str, out: dict) -> str:
+    """Train `role` as run `<name>-<role>`, export its EMA weights, log them to MLflow; returns the file.
+
+    Teacher metrics get the prefix 'teacher.' so both phases of a demo share one MLflow run's charts."""
+    uri = job.tracking.resolved_uri()
+    prefix = "teacher." if role == "teacher" else ""
+    res = run_training(job, role, f"{job.run.name}-{role}",
+                       callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix)])
+    path, digest = export(res.checkpoint_dir, export_dir)
+    artifact = "teacher" if role == "teacher" else "student"
+    track.log_artifact_file(uri, run_id, path, artifact)
+    out[f"{role}_train"] = res.return_value
+    out[f"{artifact}_sha256"] = digest
+    return path
+
+
 def run_job(job: JobConfig) -> dict:
     """Run job.task ('demo', 'teacher' or 'distill'); returns the final metrics and the artifact paths."""
     _ensure_ray()
@@ -33,29 +49,12 @@ def run_job(job: JobConfig) -> dict:
         if job.task == "teacher" or (job.task == "demo" and not teacher_path):
             teacher_path = os.path.join(export_dir, "teacher.pt")
             if job.task == "teacher" or not os.path.isfile(teacher_path):  # the demo reuses a cached teacher
-                res = run_training(
-                    job,
-                    "teacher",
-                    f"{job.run.name}-teacher",
-                    callbacks=[track.MLflowReportCallback(uri, run_id, prefix="teacher.")],
-                )
-                out["teacher_train"] = res.return_value
-                teacher_path, digest = export_teacher(res.checkpoint_dir, export_dir)
-                track.log_artifact_file(uri, run_id, teacher_path, "teacher")
-                out["teacher_sha256"] = digest
+                teacher_path = _train_and_export(job, "teacher", export_teacher, export_dir, run_id, out)
         out["teacher_path"] = teacher_path
         if job.task in ("demo", "distill"):
             job.teacher.checkpoint = teacher_path
-            res = run_training(
-                job,
-                "distill",
-                f"{job.run.name}-distill",
-                callbacks=[track.MLflowReportCallback(uri, run_id, prefix="")],
-            )
-            out["distill_train"] = res.return_value
-            student_path, digest = export_student(res.checkpoint_dir, export_dir)
-            track.log_artifact_file(uri, run_id, student_path, "student")
-            out.update(student_path=student_path, student_sha256=digest)
+            student_path = _train_and_export(job, "distill", export_student, export_dir, run_id, out)
+            out["student_path"] = student_path
             if job.resources.torch_threads:  # sampling on the driver: more threads than cores slow it down
                 torch.set_num_threads(job.resources.torch_threads)
             ev = evaluate(job, teacher_path, student_path, os.path.join(job.run.absolute_storage(), "cache"))
