@@ -85,10 +85,16 @@ class ModelConfig:
             _fail("model.attn_levels", self.attn_levels, f"using levels in 0..{len(self.channel_mult) - 1}")
 
 
+TEACHER_ADAPTERS = ("native", "module", "edm", "diffusers")
+TEACHER_SCHEDULES = ("cosine", "linear_beta", "ddpm", "table")
+
+
 @dataclass
 class TeacherConfig:
-    checkpoint: str | None = None  # a teacher state_dict (.pt); trained by task=teacher or shipped
-    sha256: str | None = None  # when set, the checkpoint's SHA-256 must match
+    # a state_dict (.safetensors, or .pt read with weights_only=True): rayflow's own (task=teacher, shipped) or,
+    # with `adapter`, your network's; a folder for adapter=diffusers
+    checkpoint: str | None = None
+    sha256: str | None = None  # when set, the checkpoint's (weights file's) SHA-256 must match
     train_images: int = 200_000  # task=teacher: images to train on
     lr: float = 2e-4
     weighting: str = "snr_plus_one"  # the x-space weight of the teacher's loss (v-loss)
@@ -96,6 +102,29 @@ class TeacherConfig:
     ema_decay: float = 0.999
     guidance_scale: float = 0.0  # w in the teacher call during distillation and teacher sampling
     sample_steps: int = 256  # steps of the teacher's ancestral sampler in evaluation
+    # Bring your own teacher (README "Distill your own model"; rayflow/teachers.py). native: rayflow's UNet
+    # from model.* | module: any nn.Module | edm: D(x; sigma, class) | diffusers: a UNet2D(Condition)Model folder
+    adapter: str = "native"
+    net: dict[str, Any] = field(default_factory=dict)  # module/edm: {_target_: pkg.module.factory, **kwargs}
+    state_key: str | None = None  # the entry holding the weights in a nested checkpoint, e.g. ema or model.ema
+    prediction: str | None = None  # module: eps | v | x; diffusers: overrides the scheduler's prediction_type
+    schedule: str | None = None  # module: what it was trained on: cosine | linear_beta | ddpm | table
+    num_train_steps: int = 1000  # linear_beta, ddpm: N (ddpm: the network sees the step index 0..N-1)
+    beta_start: float = 1.0e-4  # linear_beta, ddpm
+    beta_end: float = 0.02
+    schedule_shift: float = 0.0  # cosine: the teacher's logSNR shift
+    schedule_table: str | None = None  # table: JSON {"alpha": [...], "sigma": [...]}; the network sees index i
+    time_scale: float = 1.0  # cosine, linear_beta: the network sees t * time_scale (1000 for t*1000 networks)
+    sigma_data: float | None = None  # edm: null if the network is the preconditioned D; set for a raw F
+    sigma_min: float = 0.002  # edm: the trained sigma range; rayflow's VP time axis is clipped to it
+    sigma_max: float = 80.0
+    cond_arg: str | None = None  # the keyword the network takes its class under (null: 3rd positional argument)
+    label_format: str | None = None  # index | one_hot | none (unconditional) (null: one_hot for edm, else index)
+    learned_sigma: bool = False  # the network outputs [prediction, variance] channels (ADM); keep the first ones
+    scheduler_config: str | None = None  # diffusers: its scheduler_config.json, when not in the checkpoint folder
+    # Recorded, not set: SHA-256 of every teacher file, filled on the driver when the config is validated (so they
+    # land in MLflow with the params) and checked again where the teacher is loaded.
+    files_sha256: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         _check_positive("teacher.train_images", self.train_images)
@@ -106,6 +135,50 @@ class TeacherConfig:
             _fail("teacher.ema_decay", self.ema_decay, "setting a decay in [0, 1)")
         _check_positive("teacher.guidance_scale", self.guidance_scale, allow_zero=True)
         _check_positive("teacher.sample_steps", self.sample_steps)
+        self._validate_adapter()
+        if not self.files_sha256:
+            self._record_files()
+
+    def _validate_adapter(self) -> None:
+        _check_choice("teacher.adapter", self.adapter, TEACHER_ADAPTERS)
+        if not isinstance(self.net, dict):
+            _fail("teacher.net", self.net, "giving a mapping {_target_: pkg.module.factory, **kwargs}")
+        if self.adapter in ("module", "edm"):
+            target = self.net.get("_target_")
+            if not isinstance(target, str) or "." not in target:
+                _fail("teacher.net._target_", target, f"naming the function or class that builds your network "
+                      f"(e.g. my_pkg.nets.make_model) for teacher.adapter={self.adapter}")
+        elif self.net:
+            _fail("teacher.net", self.net, f"setting teacher.adapter=module or edm (adapter={self.adapter} "
+                  "does not build from teacher.net)")
+        if self.prediction is not None:
+            _check_choice("teacher.prediction", self.prediction, ("eps", "v", "x"))
+        if self.adapter == "module":
+            if self.prediction is None:
+                _fail("teacher.prediction", None, "saying what your network outputs: eps, v or x")
+            _check_choice("teacher.schedule", self.schedule, TEACHER_SCHEDULES)
+            if self.schedule == "table" and not self.schedule_table:
+                _fail("teacher.schedule_table", None, 'pointing it at a JSON file {"alpha": [...], "sigma": [...]}')
+        if self.label_format is not None:
+            _check_choice("teacher.label_format", self.label_format, ("index", "one_hot", "none"))
+        if not isinstance(self.num_train_steps, int) or self.num_train_steps < 2:
+            _fail("teacher.num_train_steps", self.num_train_steps, "setting the teacher's number of steps N >= 2")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            _fail("teacher.beta_end", self.beta_end, f"setting 0 < beta_start ({self.beta_start}) < beta_end < 1")
+        _check_positive("teacher.time_scale", self.time_scale)
+        if self.sigma_data is not None:
+            _check_positive("teacher.sigma_data", self.sigma_data)
+        _check_positive("teacher.sigma_min", self.sigma_min)
+        if not self.sigma_max > self.sigma_min:
+            _fail("teacher.sigma_max", self.sigma_max, f"setting a sigma_max above sigma_min={self.sigma_min}")
+
+    def _record_files(self) -> None:
+        from rayflow.teachers import file_digests  # lazily: it needs torch, which a config error should not wait for
+
+        try:
+            self.files_sha256 = file_digests(self)
+        except (OSError, ValueError, KeyError) as e:
+            _fail("teacher.checkpoint", self.checkpoint, f"fixing the teacher's files: {e}")
 
 
 @dataclass
@@ -190,6 +263,11 @@ class RunConfig:
     checkpoint_every_images: int = 16_384
     eval_samples: int = 1000  # samples per model in the final evaluation
     eval_batch: int = 250
+    # In-training evaluation of the student's EMA (distillation only): every this many images, and at the
+    # end, rank 0 draws eval_proxy_samples k-step samples (same noise each time) and reports eval.proxy_*
+    # (classifier FD, accuracy, precision, recall). 0 turns it off. Sweeps early-stop on it.
+    eval_every_images: int = 0
+    eval_proxy_samples: int = 256
 
     def absolute_storage(self) -> str:
         if "://" in self.storage_path:
@@ -201,6 +279,10 @@ class RunConfig:
             _fail("run.name", self.name, "choosing a non-empty name without '/'")
         for key in ("report_every_images", "checkpoint_every_images", "eval_samples", "eval_batch"):
             _check_positive(f"run.{key}", getattr(self, key))
+        _check_positive("run.eval_every_images", self.eval_every_images, allow_zero=True)
+        if self.eval_every_images and self.eval_proxy_samples < 4:
+            _fail("run.eval_proxy_samples", self.eval_proxy_samples, "drawing at least 4 samples (256 or more "
+                  "for a stable Frechet distance)")
 
 
 @dataclass
@@ -260,6 +342,99 @@ class JobConfig:
 
         walk("", self.to_dict())
         return out
+
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Keys a sweep must not vary: they name, place or track the trials themselves.
+UNSWEEPABLE = ("task", "run.name", "run.storage_path", "tracking.uri", "tracking.experiment", "teacher.checkpoint")
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """d["a"]["b"] = value for key "a.b" (in place), the way `key=value` overrides address a config."""
+    *parents, leaf = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def with_overrides(job: JobConfig, overrides: dict[str, Any]) -> JobConfig:
+    """A validated copy of `job` with dotted-key overrides applied (what a sweep trial trains)."""
+    d = job.to_dict()
+    for key, value in overrides.items():
+        set_dotted(d, key, value)
+    return JobConfig.from_dict(d)
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep of distillation runs (`python -m rayflow.tune`, conf/sweep/*.yaml)."""
+
+    name: str = "steps_lr"  # stable: relaunching the same name resumes the sweep
+    # dotted training key -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
+    # | {randint: [lo, hi]}; every trial is replayable as `python -m rayflow.train key=value ...`
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metric: str = "eval.proxy_fd"  # reported during training; what the scheduler and the report rank by
+    mode: str = "min"
+    search: str = "random"  # Tune's BasicVariantGenerator: full grid x num_samples random draws
+    num_samples: int = 1  # random draws per grid point
+    max_concurrent_trials: int = 1
+    scheduler: str = "asha"  # asha (early stopping on metric) | fifo (every trial runs to the end)
+    grace_images: int = 4096  # ASHA: no trial stops before this many images
+    reduction_factor: int = 2
+    eval_every_images: int = 4096  # run.eval_every_images for the trials when the job leaves it at 0
+    trial_cpus: float = 0.1  # the trial's driver function; Train workers take resources.* on top
+    seed: int = 0
+    teacher_baseline: bool = True  # evaluate the teacher once (ancestral + DDIM) into the parent run
+
+    def validate(self, job: JobConfig) -> SweepConfig:
+        if not self.name or "/" in self.name:
+            _fail("sweep.name", self.name, "choosing a non-empty name without '/'")
+        if not self.space:
+            _fail("sweep.space", self.space, "giving at least one key, e.g. {distill.steps: {grid: [1, 2, 4, 8]}}")
+        flat = job.flat()
+        for key, spec in self.space.items():
+            where = f"sweep.space.{key}"
+            if key not in flat:
+                examples = sorted(k for k in flat if k.startswith("distill."))[:4]
+                _fail(where, spec, f"sweeping a training key such as {examples}")
+            if key in UNSWEEPABLE:
+                _fail(where, spec, f"leaving {key} out of the space (sweeps set it per trial)")
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+                _fail(where, spec, f"giving exactly one of {list(SEARCH_KINDS)}, e.g. {{grid: [1, 2, 4]}}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, (list, tuple)) or not values:
+                _fail(where, spec, f"giving {kind} a non-empty list")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                    _fail(where, spec, f"giving {kind} two numbers [low, high] with low < high")
+                if kind == "loguniform" and values[0] <= 0:
+                    _fail(where, spec, "giving loguniform a low bound > 0")
+            # Every value must make a valid job: fail here, not in trial 7 an hour into the sweep.
+            for v in values if kind in ("grid", "choice") else values[:1]:
+                try:
+                    with_overrides(job, {key: v})
+                except ConfigError as err:
+                    raise ConfigError(f"config key '{where}' value {v!r} makes an invalid job: {err}") from None
+        _check_choice("sweep.mode", self.mode, ("min", "max"))
+        _check_choice("sweep.search", self.search, ("random",))
+        _check_choice("sweep.scheduler", self.scheduler, ("asha", "fifo"))
+        for key in ("num_samples", "max_concurrent_trials", "grace_images", "eval_every_images"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                _fail(f"sweep.{key}", value, "setting an integer >= 1")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 2:
+            _fail("sweep.reduction_factor", self.reduction_factor, "setting an integer >= 2")
+        _check_positive("sweep.trial_cpus", self.trial_cpus)
+        if not self.metric.startswith("eval."):
+            _fail("sweep.metric", self.metric, "ranking by an evaluation metric such as eval.proxy_fd")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], job: JobConfig) -> SweepConfig:
+        return _build(cls, d, "sweep.").validate(job)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _build(cls, d: dict[str, Any], prefix: str):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from rayflow.config import DataConfig, ModelConfig
+from rayflow.config import DataConfig, ModelConfig, TeacherConfig
 from rayflow.core.diffusion import Denoiser, GuidedDenoiser
 from rayflow.core.schedule import CosineSchedule, Schedule, resolution_shift
 from rayflow.nets import build_net
+from rayflow.teachers import check_state_dict, load_adapted_teacher, read_state_dict, sha256_file, verify_digests
+
+__all__ = ["build_denoiser", "build_schedule", "guided", "load_teacher", "save_state_dict", "sha256_file"]
 
 
 def build_schedule(model: ModelConfig, data: DataConfig) -> Schedule:
@@ -39,14 +42,6 @@ def guided(denoiser: torch.nn.Module, scale: float, num_classes: int) -> torch.n
     return GuidedDenoiser(denoiser, scale, null_cond=num_classes) if scale > 0 else denoiser
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state_dict(state: dict, path: str | os.PathLike) -> str:
     """Write a torch state dict atomically (temp file + rename); returns its SHA-256."""
     path = Path(path)
@@ -58,9 +53,21 @@ def save_state_dict(state: dict, path: str | os.PathLike) -> str:
 
 
 def load_teacher(
-    path: str, model: ModelConfig, data: DataConfig, *, sha256: str | None = None, device="cpu"
-) -> Denoiser:
-    """Load a teacher state_dict (weights only) into the configured architecture, frozen, in eval mode."""
+    path: str,
+    model: ModelConfig,
+    data: DataConfig,
+    *,
+    sha256: str | None = None,
+    device="cpu",
+    teacher: TeacherConfig | None = None,
+) -> nn.Module:
+    """Load a teacher (or a student exported from it) frozen, in eval mode: weights only, checked key by key.
+
+    Without `teacher` (or with teacher.adapter=native) the file is a state_dict of rayflow's own denoiser built
+    from model.*; otherwise `teacher` says how to build and call the network (rayflow.teachers).
+    """
+    if teacher is not None and teacher.adapter != "native":
+        return load_adapted_teacher(path, teacher, model, data, sha256=sha256, device=device)
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             f"teacher checkpoint {path!r} does not exist. FIX THIS by setting teacher.checkpoint to a file "
@@ -71,21 +78,16 @@ def load_teacher(
             f"teacher checkpoint {path} has SHA-256 {sha256_file(path)}, expected {sha256} "
             "(teacher.sha256). FIX THIS by pointing at the right file or updating teacher.sha256"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if teacher is not None and teacher.files_sha256 and os.path.abspath(path) == os.path.abspath(teacher.checkpoint):
+        verify_digests(teacher)
+    own = teacher is not None and os.path.abspath(path) == os.path.abspath(teacher.checkpoint or "")
+    state = read_state_dict(path, state_key=teacher.state_key if own else None)  # exported students are flat
     den = build_denoiser(model, data)
-    expected = den.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"teacher checkpoint {path} does not match the model config (model.*, data.channels, "
-            f"data.num_classes): missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}. "
-            "FIX THIS by using the model config the teacher was trained with"
-        )
+    check_state_dict(
+        den.state_dict(),
+        state,
+        f"teacher checkpoint {path} does not match the model config (model.*, data.channels, data.num_classes)",
+        "using the model config the teacher was trained with, or teacher.adapter for a network of your own",
+    )
     den.load_state_dict(state)
     return den.to(device).eval().requires_grad_(False)

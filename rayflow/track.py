@@ -265,6 +265,30 @@ def _git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set (or overwrite) tags of a run."""
+    _log_tags(client(uri), run_id, tags)
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """The runs nested under `parent_run_id` (MLflow `Run` objects), oldest first."""
+    c = client(uri)
+    parent = c.get_run(parent_run_id)
+    runs, token = [], None
+    while True:
+        page = c.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run FINISHED, FAILED or KILLED."""
     if status not in RUN_STATUSES:

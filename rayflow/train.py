@@ -20,20 +20,30 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("rayflow_asset", lambda name: str(ASSETS / name), replace=True)
 
 
-def job_from_hydra(cfg: DictConfig) -> JobConfig:
-    """Hydra's composed config -> validated JobConfig (the only place that sees DictConfig)."""
+def plain(cfg: DictConfig) -> dict:
+    """Hydra's composed config as plain dicts and lists, interpolations resolved, without `hydra`."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     container.pop("hydra", None)
-    return JobConfig.from_dict(container)
+    return container
+
+
+def job_from_hydra(cfg: DictConfig) -> JobConfig:
+    """Hydra's composed config -> validated JobConfig (entry points are the only modules seeing DictConfig)."""
+    return JobConfig.from_dict(plain(cfg))
+
+
+def config_or_exit(parse, cfg: DictConfig):
+    """parse(cfg), or exit 2 with the ConfigError's one line (key, value, how to fix it) on stderr."""
+    try:
+        return parse(cfg)
+    except ConfigError as e:
+        print(f"rayflow: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        job = job_from_hydra(cfg)
-    except ConfigError as e:
-        print(f"rayflow: {e}", file=sys.stderr)
-        sys.exit(2)
+    job = config_or_exit(job_from_hydra, cfg)
     from rayflow.orchestrate.jobs import run_job  # Ray and torch load only for a valid config
 
     out = run_job(job)

@@ -7,13 +7,14 @@ which is what a Frechet distance or a k-NN precision/recall needs of a feature s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rayflow.files import sha256_file
 
 FEATURE_DIM = 128
 
@@ -138,7 +139,7 @@ def load_or_train_classifier(
                 f"{images.shape[2]}px images with {num_classes} classes; FIX THIS by "
                 f"deleting the file or using another key"
             ) from err
-        return model.eval(), _sha256(path)
+        return model.eval(), sha256_file(path)
     model = train_classifier(images, labels, seed=seed, num_classes=num_classes)
     os.makedirs(cache_dir, exist_ok=True)
     # A unique temp name + os.replace: parallel evaluations may train the same key; readers never see
@@ -147,17 +148,9 @@ def load_or_train_classifier(
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(model.state_dict(), f)
-        digest = _sha256(tmp)  # of our own bytes, even if a parallel writer replaces the file after us
+        digest = sha256_file(tmp)  # of our own bytes, even if a parallel writer replaces the file after us
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return model, digest
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -8,8 +8,12 @@ for it once.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import tempfile
 import weakref
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -142,7 +146,19 @@ def image_metrics(
     when `sample_labels` is given) and `real_accuracy` (the same on the real set, its ceiling; only when
     `real_labels` is given). Use a few hundred samples or more: FD is biased upward at small N.
     """
-    ref = real_reference(classifier, real_images, real_labels, k=k)
+    return metrics_against(classifier, real_reference(classifier, real_images, real_labels, k=k), samples,
+                           sample_labels, k=k)
+
+
+def metrics_against(
+    classifier: FeatureClassifier,
+    ref: RealReference,
+    samples: torch.Tensor | np.ndarray,
+    sample_labels: torch.Tensor | np.ndarray | None,
+    *,
+    k: int = 3,
+) -> dict[str, float]:
+    """`image_metrics` against a precomputed real reference (e.g. one loaded in a training worker)."""
     feats, logits = features_and_logits(classifier, samples)
     if feats.shape[0] < 2:
         raise ValueError("image metrics need at least 2 samples; FIX THIS by evaluating more samples")
@@ -158,3 +174,38 @@ def image_metrics(
     if ref.accuracy is not None:
         out["real_accuracy"] = ref.accuracy
     return out
+
+
+def save_reference(path: str, classifier: FeatureClassifier, ref: RealReference) -> None:
+    """Write classifier weights and the real reference as one weights-only file (atomic), for workers
+    that evaluate during training without the real images."""
+    state = {
+        "classifier": classifier.state_dict(),
+        "shape": torch.tensor([classifier.in_channels, classifier.num_classes, classifier.res]),
+        "features": ref.features,
+        "mu": torch.from_numpy(ref.mu),
+        "cov": torch.from_numpy(ref.cov),
+        "radii": ref.radii,
+        "accuracy": torch.tensor(float("nan") if ref.accuracy is None else ref.accuracy, dtype=torch.float64),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".reference-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_reference(path: str | BinaryIO) -> tuple[FeatureClassifier, RealReference]:
+    """Read what `save_reference` wrote (a path or an open binary file): (classifier in eval mode, reference)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    in_channels, num_classes, res = (int(v) for v in state["shape"])
+    classifier = FeatureClassifier(in_channels, num_classes, res)
+    classifier.load_state_dict(state["classifier"])
+    acc = float(state["accuracy"])
+    ref = RealReference(state["features"], state["mu"].numpy(), state["cov"].numpy(), state["radii"],
+                        None if math.isnan(acc) else acc)
+    return classifier.eval(), ref

@@ -10,24 +10,27 @@ import torch
 
 from rayflow import track
 from rayflow.config import JobConfig
-from rayflow.orchestrate.evaluate import evaluate
+from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.training import export_student, export_teacher, run_training
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
     if not ray.is_initialized():
         # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise a local one is started.
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def _train_and_export(job: JobConfig, role: str, export, export_dir: str, run_id: str, out: dict) -> str:
+def train_and_export(
+    job: JobConfig, role: str, export, export_dir: str, run_id: str, out: dict, *, callbacks=()
+) -> str:
     """Train `role` as run `<name>-<role>`, export its EMA weights, log them to MLflow; returns the file.
 
-    Teacher metrics get the prefix 'teacher.' so both phases of a demo share one MLflow run's charts."""
+    Teacher metrics get the prefix 'teacher.' so both phases of a demo share one MLflow run's charts.
+    `callbacks` are further Ray Train callbacks (a sweep's Tune reporting)."""
     uri = job.tracking.resolved_uri()
     prefix = "teacher." if role == "teacher" else ""
     res = run_training(job, role, f"{job.run.name}-{role}",
-                       callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix)])
+                       callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix), *callbacks])
     path, digest = export(res.checkpoint_dir, export_dir)
     artifact = "teacher" if role == "teacher" else "student"
     track.log_artifact_file(uri, run_id, path, artifact)
@@ -36,33 +39,44 @@ def _train_and_export(job: JobConfig, role: str, export, export_dir: str, run_id
     return path
 
 
+def evaluate_and_log(job: JobConfig, run_id: str, teacher_path: str | None, student_path: str | None) -> dict:
+    """The final evaluation (see `evaluate`) on the driver, its metrics and sample grids logged to the run."""
+    uri = job.tracking.resolved_uri()
+    if job.resources.torch_threads:  # sampling on the driver: more threads than cores slow it down
+        torch.set_num_threads(job.resources.torch_threads)
+    ev = evaluate(job, teacher_path, student_path, cache_dir(job))
+    track.log_metrics(uri, run_id, ev["metrics"], step=0)
+    for name, x in ev["samples"].items():
+        track.log_image_grid(uri, run_id, x[: job.tracking.sample_grid].numpy(), name, artifact_path="images/samples")
+    return ev["metrics"]
+
+
+def resolve_teacher(job: JobConfig, run_id: str, export_dir: str, out: dict) -> str:
+    """The teacher file to distil from: teacher.checkpoint, else one trained by this job (task=teacher
+    always trains; otherwise a teacher already exported to export_dir is reused)."""
+    if job.teacher.checkpoint and job.task != "teacher":
+        return job.teacher.checkpoint
+    teacher_path = os.path.join(export_dir, "teacher.pt")
+    if job.task == "teacher" or not os.path.isfile(teacher_path):
+        teacher_path = train_and_export(job, "teacher", export_teacher, export_dir, run_id, out)
+    return teacher_path
+
+
 def run_job(job: JobConfig) -> dict:
     """Run job.task ('demo', 'teacher' or 'distill'); returns the final metrics and the artifact paths."""
-    _ensure_ray()
+    ensure_ray()
     t_start = time.perf_counter()
     uri = job.tracking.resolved_uri()
     run_id = track.start_run(job.tracking, job.run.name, job.flat(), tags={"rayflow.task": job.task})
     out: dict = {"run_id": run_id, "tracking_uri": uri}
     try:
         export_dir = os.path.join(job.run.absolute_storage(), job.run.name, "export")
-        teacher_path = job.teacher.checkpoint
-        if job.task == "teacher" or (job.task == "demo" and not teacher_path):
-            teacher_path = os.path.join(export_dir, "teacher.pt")
-            if job.task == "teacher" or not os.path.isfile(teacher_path):  # the demo reuses a cached teacher
-                teacher_path = _train_and_export(job, "teacher", export_teacher, export_dir, run_id, out)
-        out["teacher_path"] = teacher_path
+        teacher_path = out["teacher_path"] = resolve_teacher(job, run_id, export_dir, out)
         if job.task in ("demo", "distill"):
             job.teacher.checkpoint = teacher_path
-            student_path = _train_and_export(job, "distill", export_student, export_dir, run_id, out)
+            student_path = train_and_export(job, "distill", export_student, export_dir, run_id, out)
             out["student_path"] = student_path
-            if job.resources.torch_threads:  # sampling on the driver: more threads than cores slow it down
-                torch.set_num_threads(job.resources.torch_threads)
-            ev = evaluate(job, teacher_path, student_path, os.path.join(job.run.absolute_storage(), "cache"))
-            track.log_metrics(uri, run_id, ev["metrics"], step=0)
-            for name, x in ev["samples"].items():
-                track.log_image_grid(uri, run_id, x[: job.tracking.sample_grid].numpy(), name,
-                                     artifact_path="images/samples")
-            out["metrics"] = ev["metrics"]
+            out["metrics"] = evaluate_and_log(job, run_id, teacher_path, student_path)
         out["wall_s"] = time.perf_counter() - t_start
         track.log_metrics(uri, run_id, {"job.wall_s": out["wall_s"]}, step=0)
         track.end_run(uri, run_id, "FINISHED")

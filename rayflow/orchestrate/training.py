@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 from rayflow.config import JobConfig
 from rayflow.models import save_state_dict
 from rayflow.orchestrate.datasets import train_dataset
+from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
 from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
 from rayflow.worker.state import TEACHER_PRECOND
 
@@ -26,10 +27,15 @@ class TrainOutcome:
 def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> TrainOutcome:
     """Train `role` ('teacher' or 'distill') on Ray Train as run `name`; rerunning the same name resumes."""
     r = job.resources
+    reference = None
+    if role == "distill" and job.run.eval_every_images:
+        # Bytes, not a path: workers on other nodes cannot read the driver's disk.
+        with open(prepare_reference(job, cache_dir(job)), "rb") as f:
+            reference = f.read()
     per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "role": role},
+        train_loop_config={"job": job.to_dict(), "role": role, "eval_reference": reference},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import tempfile
@@ -15,6 +16,8 @@ import torch
 
 from rayflow.config import JobConfig
 from rayflow.data.pipeline import iter_torch_batches
+from rayflow.evaluation.generate import generate_samples
+from rayflow.evaluation.metrics import load_reference, metrics_against
 from rayflow.models import save_state_dict
 from rayflow.worker.state import TrainState, build_state
 
@@ -39,6 +42,25 @@ def restore(state: TrainState) -> bool:
     return True
 
 
+class ProxyEval:
+    """In-training evaluation of the student's EMA on rank 0: k-step samples from the same noise every
+    time (so the curve shows the model changing, not the draw) scored against a precomputed reference."""
+
+    def __init__(self, reference: bytes, job: JobConfig, device: torch.device) -> None:
+        self.classifier, self.ref = load_reference(io.BytesIO(reference))
+        self.classifier.to(device)
+        self.job, self.device = job, device
+        self.labels = torch.arange(job.run.eval_proxy_samples) % job.data.num_classes
+
+    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+        d, r = self.job.data, self.job.run
+        x, secs = generate_samples(module, "student", self.job.distill.steps, self.labels,
+                                   (d.channels, d.resolution, d.resolution), batch=r.eval_batch,
+                                   seed=r.seed + 29, device=self.device)
+        m = metrics_against(self.classifier, self.ref, x, self.labels)
+        return {f"eval.proxy_{k}": v for k, v in m.items() if k != "real_accuracy"} | {"eval.proxy_s": secs}
+
+
 def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int) -> None:
     if not checkpoint:
         ray.train.report(metrics)
@@ -50,7 +72,7 @@ def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int) ->
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill"}."""
+    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill", "eval_reference": bytes | None}."""
     job = JobConfig.from_dict(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -72,6 +94,9 @@ def train_loop_per_worker(config: dict) -> dict:
     count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
     last_report = c.images_seen // job.run.report_every_images
     last_ckpt = c.images_seen // job.run.checkpoint_every_images
+    every_eval = job.run.eval_every_images if config.get("eval_reference") else 0
+    last_eval = c.images_seen // every_eval if every_eval else 0
+    proxy = ProxyEval(config["eval_reference"], job, device) if every_eval and rank == 0 else None
     while c.updates < state.total_updates:
         batches = iter_torch_batches(shard, per_worker, device, local_shuffle_buffer_size=None, drop_last=True)
         t0 = time.perf_counter()
@@ -103,7 +128,9 @@ def train_loop_per_worker(config: dict) -> dict:
             busy += t0 - t1
             done = c.updates >= state.total_updates
             ckpt_due = c.images_seen // job.run.checkpoint_every_images > last_ckpt or done
-            if c.images_seen // job.run.report_every_images > last_report or ckpt_due:
+            # Every rank takes the same decisions (from the counters): Train needs all ranks to report.
+            eval_due = bool(every_eval) and (c.images_seen // every_eval > last_eval or done)
+            if c.images_seen // job.run.report_every_images > last_report or ckpt_due or eval_due:
                 now = time.perf_counter()
                 out = {k: sums[k] / counts[k] for k in sums}
                 out.update(
@@ -114,6 +141,10 @@ def train_loop_per_worker(config: dict) -> dict:
                     data_wait_share=wait / max(wait + busy, 1e-9),
                     lr=next(iter(state.optimizers.values()))[0].param_groups[0]["lr"],
                 )
+                if eval_due:
+                    last_eval = c.images_seen // every_eval
+                    if proxy is not None:
+                        out.update(proxy(state.ema.module))
                 _report(state, out, checkpoint=ckpt_due, rank=rank)
                 last_report = c.images_seen // job.run.report_every_images
                 last_ckpt = c.images_seen // job.run.checkpoint_every_images if ckpt_due else last_ckpt

@@ -24,6 +24,7 @@ from rayflow.core.steps import (
     set_lr,
 )
 from rayflow.models import build_denoiser, guided, load_teacher
+from rayflow.teachers import freeze_unused
 
 ROLES = ("teacher", "distill")
 TEACHER_PRECOND = "teacher_precond.pt"  # beside an exported teacher: 1 / (sqrt(Adam v) + eps) by parameter name
@@ -87,12 +88,25 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
+def _trainable_copy(base: nn.Module, job: JobConfig) -> nn.Module:
+    """A student or aux: the adapted teacher, trainable; parameters a foreign network leaves unused stay frozen."""
+    module = clone_trainable(base)
+    if job.teacher.adapter != "native":
+        freeze_unused(module, job.data)
+    return module
+
+
 def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: m) -> TrainState:
     """Build the role's networks on `device`; `wrap` is DDP preparation (ray.train.torch.prepare_model)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
     updates = lambda images: max(1, images // job.data.batch_size)  # noqa: E731
     if role == "teacher":
+        if job.teacher.adapter != "native":
+            raise ValueError(
+                f"task=teacher trains rayflow's own UNet, but teacher.adapter={job.teacher.adapter!r}. FIX THIS by "
+                "distilling your teacher (task=distill) or training with teacher.adapter=native"
+            )
         den = wrap(build_denoiser(job.model, job.data).to(device))
         t = job.teacher
         opt = make_adam(den.parameters(), t.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -117,14 +131,17 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
             warmup=min(500, updates(t.train_images) // 10),
         )
     d = job.distill
-    base = load_teacher(job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device)
+    # the teacher through its adapter; student and aux are clones of it (same architecture, weights, adapter)
+    base = load_teacher(
+        job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device, teacher=job.teacher
+    )
     teacher = guided(base, job.teacher.guidance_scale, job.data.num_classes)
-    student = wrap(clone_trainable(base))
+    student = wrap(_trainable_copy(base, job))
     ema = EMA(student, d.ema_decay)
     opt_s = make_adam(student.parameters(), d.lr_student, betas=(d.beta1, d.beta2), eps=d.adam_eps)
     kw = dict(weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump)
     if d.algorithm == "alternating":
-        aux = wrap(clone_trainable(base))
+        aux = wrap(_trainable_copy(base, job))
         opt_a = make_adam(aux.parameters(), d.lr_aux, betas=(d.beta1, d.beta2), eps=d.adam_eps)
         method = AlternatingMomentMatching(base.schedule, d.steps, **kw)
         step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=d.grad_clip, ema=ema)
@@ -138,7 +155,13 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
             d.lr_decay,
         )
     precond_path = os.path.join(os.path.dirname(job.teacher.checkpoint), TEACHER_PRECOND)
-    precond = torch.load(precond_path, map_location=device, weights_only=True) if os.path.isfile(precond_path) else None
+    # only rayflow's own teacher export writes the preconditioner; foreign teachers get the identity
+    native = job.teacher.adapter == "native"
+    precond = (
+        torch.load(precond_path, map_location=device, weights_only=True)
+        if native and os.path.isfile(precond_path)
+        else None
+    )
     if precond is not None and job.teacher.guidance_scale > 0:
         precond = {f"denoiser.{k}": v for k, v in precond.items()}
     method = ParameterSpaceMomentMatching(base.schedule, d.steps, precond=precond, **kw)

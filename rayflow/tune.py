@@ -1,0 +1,50 @@
+"""`python -m rayflow.tune [sweep=<name>] [training overrides]`: a Ray Tune sweep of distillation runs.
+
+Every trial is a full distillation on Ray Train with the trial's values of the swept keys (the same dotted
+keys `python -m rayflow.train` takes), evaluated during training (early stopping) and at the end. MLflow
+gets a parent run per sweep and a child run per trial; the comparison (markdown table + PNG) is logged to
+the parent when the sweep ends, and `python -m rayflow.report sweep=<name>` rewrites it at any time.
+Relaunching the same command resumes an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from rayflow.config import JobConfig, SweepConfig
+from rayflow.train import config_or_exit, plain
+
+
+def configs_from_hydra(cfg: DictConfig) -> tuple[JobConfig, SweepConfig]:
+    """conf/tune.yaml composed -> (the trials' base JobConfig, SweepConfig), both validated."""
+    container = plain(cfg)
+    sweep = container.pop("sweep", None) or {}
+    job = JobConfig.from_dict(container)
+    return job, SweepConfig.from_dict(sweep, job)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+def main(cfg: DictConfig) -> None:
+    job, sweep = config_or_exit(configs_from_hydra, cfg)
+    from rayflow.orchestrate.sweep import run_sweep  # Ray and torch load only for a valid config
+
+    out = run_sweep(job, sweep)
+    table = out.pop("report", {}).get("table")
+    print(json.dumps(out, indent=2, default=str))
+    if table:
+        print("\n" + table)
+    if not out.get("complete"):
+        print(f"\nSweep '{sweep.name}' interrupted; run the same command again to resume it.", file=sys.stderr)
+        sys.exit(130)
+    print(
+        f"MLflow parent run {out['parent_run_id']} in {out['tracking_uri']} (experiment "
+        f"'{job.tracking.experiment}'). Compare the trials with: mlflow ui --backend-store-uri {out['tracking_uri']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
