@@ -3,7 +3,11 @@
 
 Decoding runs inside Ray Data `map_batches` tasks, so nothing but file listings and parquet footers
 touches the driver (the built-in digit sets are the exception: a few MB shipped inside pip wheels).
-A file that fails to decode is skipped or raises, per `on_error`; pass a `SkipLog` to count skips.
+A file that fails to decode is skipped or raises, per `on_error`; each skip is logged (file and reason) and,
+with a `SkipLog`, counted. Problems that would make a whole file or column unusable (a missing or
+wrong-typed column, null or negative labels, a corrupt parquet footer, a cut-off tar shard) raise
+one-line errors that name the file and the fix, on the driver before any task starts where footers or
+file sizes can tell.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from rayflow.data.transforms import CropMethod, center_crop_resize, decode_image
 logger = logging.getLogger(__name__)
 
 OnError = Literal["skip", "raise"]
-IMAGE_EXTENSIONS = ("jpeg", "jpg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+IMAGE_EXTENSIONS = ("jpeg", "jpg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Rows per decode batch: enough to amortise per-batch overhead, few enough to keep blocks streaming.
 DECODE_BATCH_SIZE = 64
@@ -147,7 +151,9 @@ def _decode_rows(
             )
         bad.append((name, problem))
     if bad:
-        logger.warning("skipped %d undecodable file(s), e.g. %s: %s", len(bad), *bad[0])
+        # One line per file: the user needs every name to fix or delete, and bad files are rare.
+        for name, problem in bad:
+            logger.warning("skipped %s: %s (on_error='skip'; 'raise' stops at the first bad file)", name, problem)
         if skip_log is not None:
             skip_log.record(bad)
     stacked = np.stack(images) if images else np.empty((0, res, res, channels), dtype=np.uint8)
@@ -162,15 +168,28 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path)
 
 
-def list_files(fs: pafs.FileSystem, path: str, extensions: Sequence[str]) -> list[str]:
+def list_files(
+    fs: pafs.FileSystem, path: str, extensions: Sequence[str], *, ignore_prefixes: tuple[str, ...] = (".", "_")
+) -> list[str]:
     """Files under path (recursively) whose extension is in extensions (case-insensitive); a file
-    path is returned as itself."""
+    path is returned as itself.
+
+    Files and folders (below path) whose name starts with one of ignore_prefixes are left out, as
+    pyarrow datasets do: `.ipynb_checkpoints/`, macOS `._x.jpg` forks, Spark's `_temporary/` partial
+    shards are not data.
+    """
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     exts = tuple("." + e.lower() for e in extensions)
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(exts))
+
+    def hidden(p: str) -> bool:
+        return any(part.startswith(ignore_prefixes) for part in p[len(path) :].split("/") if part)
+
+    return sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(exts) and not hidden(i.path)
+    )
 
 
 def _file_shuffle(seed: int | None) -> FileShuffleConfig | None:
@@ -240,27 +259,32 @@ def digits(res: int = 32, *, num_blocks: int = 4) -> ray.data.Dataset:
 def list_class_files(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[str]]:
     """{class folder name: its image files (recursive)}, classes sorted; a class's label is its index.
 
-    Raises ValueError if root has no class folders or a class folder holds no image file, because a
-    silently missing class would shift every later label.
+    Class indices follow the sorted folder names and nothing else, so they stay stable whatever
+    decodes: a class whose files all fail to decode keeps its index (and yields no rows). Folders and
+    files whose name starts with "." (`.ipynb_checkpoints`, `.DS_Store`, `._x.JPEG`) are not classes
+    or images. Raises ValueError if root has no class folders or a class folder holds no image file,
+    because silently dropping a class would shift every later label.
     """
     fs, base = resolve_filesystem(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         raise ValueError(f"image folder {root!r} does not exist or is not a directory; FIX THIS by fixing the path")
     classes = sorted(
-        i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.type == pafs.FileType.Directory
+        i.base_name
+        for i in fs.get_file_info(pafs.FileSelector(base))
+        if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
     )
     if not classes:
         raise ValueError(
             f"image folder {root!r} has no class sub-folders; FIX THIS by using the ImageNet layout "
             "root/<class>/<image files>"
         )
-    files = {c: list_files(fs, f"{base}/{c}", extensions) for c in classes}
+    files = {c: list_files(fs, f"{base}/{c}", extensions, ignore_prefixes=(".",)) for c in classes}
     empty = [c for c, paths in files.items() if not paths]
     if empty:
         raise ValueError(
             f"class folder(s) {empty} under {root!r} hold no image files ({', '.join(extensions)}); "
             "FIX THIS by removing them or adding images (labels follow sorted folder names, so a "
-            "missing class shifts every later label)"
+            "dropped class would shift every later label)"
         )
     return files
 
@@ -380,10 +404,76 @@ def _check_label_column(schema: pa.Schema, file: str, column: str) -> None:
         raise ValueError(f"{file}: column {column!r} has type {t}; FIX THIS by writing integer class indices")
 
 
-def _labels(column: np.ndarray, name: str) -> np.ndarray:
-    if not np.issubdtype(column.dtype, np.integer):
-        raise ValueError(f"column {name!r} has missing (null) labels; FIX THIS by filling or dropping those rows")
-    return column.astype(np.int64)
+def _column_stats(metadata: pq.FileMetaData, column: str) -> tuple[int | None, Any]:
+    """(null count, minimum) of a column over all row groups from the footer; None where a row group
+    has no statistics. A nested column counts the nulls of all its leaves."""
+    nulls: int | None = 0
+    lo: Any = None
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            if chunk.path_in_schema != column and not chunk.path_in_schema.startswith(column + "."):
+                continue
+            stats = chunk.statistics
+            if stats is None or not stats.has_null_count:
+                nulls = None
+            elif nulls is not None:
+                nulls += stats.null_count
+            if stats is not None and stats.has_min_max and stats.min is not None:
+                lo = stats.min if lo is None else min(lo, stats.min)
+    return nulls, lo
+
+
+def _check_parquet_file(
+    fs: pafs.FileSystem, file: str, image_column: str, label_column: str, res: int, channels: int
+) -> str:
+    """Check one shard's footer (schema and column statistics); returns its image column kind."""
+    try:
+        with fs.open_input_file(file) as f:
+            parquet = pq.ParquetFile(f)
+            metadata, schema = parquet.metadata, parquet.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(
+            f"{file}: not a readable parquet file ({type(e).__name__}: {e}); FIX THIS by rewriting the shard or "
+            "deleting it (a write that was cut off leaves such files)"
+        ) from None
+    kind = _image_column_kind(schema, file, image_column, res, channels)
+    _check_label_column(schema, file, label_column)
+    nulls, lo = _column_stats(metadata, label_column)
+    if nulls:
+        raise ValueError(
+            f"{file}: column {label_column!r} has {nulls} missing (null) labels; FIX THIS by filling or dropping "
+            "those rows"
+        )
+    if lo is not None and lo < 0:
+        raise ValueError(
+            f"{file}: column {label_column!r} holds negative labels (min {lo}); FIX THIS by writing class indices "
+            "0..num_classes-1"
+        )
+    if kind == "array":
+        nulls, _ = _column_stats(metadata, image_column)
+        if nulls:
+            raise ValueError(
+                f"{file}: column {image_column!r} has {nulls} missing (null) pixel values; FIX THIS by dropping "
+                "those rows or rewriting the shard with rayflow.prepare"
+            )
+    # Encoded-bytes columns may hold nulls: those rows are bad files, skipped or raised per on_error.
+    return kind
+
+
+def _checked_labels(labels: np.ndarray, column: str, where: str) -> np.ndarray:
+    # Runtime fallback for shards whose footers carry no statistics.
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{where}: column {column!r} has missing (null) labels; FIX THIS by filling or dropping those rows"
+        )
+    if len(labels) and labels.min() < 0:
+        raise ValueError(
+            f"{where}: column {column!r} holds negative labels (min {labels.min()}); FIX THIS by writing class "
+            "indices 0..num_classes-1"
+        )
+    return labels.astype(np.int64)
 
 
 def _chunk_pixels(chunk: pa.Array) -> np.ndarray:
@@ -400,7 +490,10 @@ def _chunk_pixels(chunk: pa.Array) -> np.ndarray:
         lengths = pc.list_value_length(values)
         lo, hi = pc.min_max(lengths).values()
         if lo != hi:
-            raise ValueError(f"rows hold images of different sizes ({lo}..{hi} values at one level)")
+            raise ValueError(
+                f"rows hold images of different sizes ({lo}..{hi} values at one level); FIX THIS by writing "
+                "one size per shard (rayflow.prepare crops and resizes every image to res)"
+            )
         shape.append(lo.as_py())
         values = values.flatten()
     return values.to_numpy(zero_copy_only=False).reshape(len(chunk), *shape)
@@ -417,15 +510,18 @@ def _parquet_array_batch(
 ) -> pa.Table:
     # pyarrow batches: numpy batches would turn a list column into an object array of per-row
     # arrays, and stacking those row by row costs more than the rest of the pipeline.
-    label_col = batch.column(label_column)
-    if label_col.null_count:
-        raise ValueError(
-            f"column {label_column!r} has missing (null) labels; FIX THIS by filling or dropping those rows"
-        )
-    labels = label_col.to_numpy().astype(np.int64)
+    where = "a parquet shard"  # array batches carry no paths; the footer check names files up front
+    # A null makes to_numpy() return floats, which _checked_labels reports as missing labels.
+    labels = _checked_labels(batch.column(label_column).to_numpy(), label_column, where)
     if len(labels) == 0:
         return image_table(np.empty((0, res, res, channels), dtype=np.uint8), [])
-    images = np.concatenate([_chunk_pixels(c) for c in batch.column(image_column).chunks if len(c)])
+    image_col = batch.column(image_column)
+    if image_col.null_count:
+        raise ValueError(
+            f"{where}: column {image_column!r} has {image_col.null_count} missing (null) pixel values; FIX THIS by "
+            "dropping those rows or rewriting the shards with rayflow.prepare"
+        )
+    images = np.concatenate([_chunk_pixels(c) for c in image_col.chunks if len(c)])
     if images.ndim == 2:  # flat fixed-size lists, length checked against res/channels up front
         images = images.reshape(len(images), res, res, channels)
     elif images.ndim == 3 and channels == 1:  # (N, H, W) grayscale
@@ -446,9 +542,14 @@ def _parquet_array_batch(
 def _parquet_bytes_batch(
     batch: dict[str, np.ndarray], *, image_column: str, label_column: str, **decode_kwargs: Any
 ) -> pa.Table:
-    labels = _labels(batch[label_column], label_column)
+    labels = _checked_labels(batch[label_column], label_column, ", ".join(sorted({str(p) for p in batch["path"]})))
     rows = (
-        (f"{path} (an {image_column!r} value with label {label})", data, label, None)
+        (
+            f"{path} (an {image_column!r} value with label {label})",
+            data,
+            label,
+            "missing (null) image value" if data is None else None,
+        )
         for path, data, label in zip(batch["path"], batch[image_column], labels, strict=True)
     )
     return _decode_rows(rows, **decode_kwargs)
@@ -486,19 +587,17 @@ def parquet_shards(
     arrays: Ray tensors, (nested) lists, or flat fixed-size lists of res*res*channels values
     (`rayflow.prepare` writes uint8 Ray tensors). Arrays of another size are centre-cropped/resized.
     Each file is read as one block (one task), so write at least as many shards as CPUs.
-    Every file's schema is checked on the driver first (footers only), so a missing or wrong-typed
-    column fails fast with the file and column named.
+    Every file's footer is checked on the driver first (schema and column statistics), so an unreadable
+    file, a missing or wrong-typed column, null or negative labels and null pixel arrays fail fast with
+    the file and column named. A null encoded-bytes value counts as a bad file (skipped or raised per
+    on_error). Files and folders starting with "." or "_" are ignored (Spark/pyarrow convention).
     """
     _check_options(res, channels, on_error)
     fs, base = resolve_filesystem(path)
     files = list_files(fs, base, ["parquet"])
     if not files:
         raise ValueError(f"no .parquet files under {path!r}; FIX THIS by pointing to the shard folder")
-    kinds = {}
-    for f in files:
-        schema = pq.read_schema(f, filesystem=fs)
-        kinds[f] = _image_column_kind(schema, f, image_column, res, channels)
-        _check_label_column(schema, f, label_column)
+    kinds = {f: _check_parquet_file(fs, f, image_column, label_column, res, channels) for f in files}
     if len(set(kinds.values())) > 1:
         raise ValueError(
             f"column {image_column!r} holds encoded bytes in some files and arrays in others "
@@ -553,9 +652,13 @@ def _decode_webdataset_batch(
                 yield name, None, None, f"no .{label_key} entry"
             else:
                 try:
-                    yield name, data, int(raw.decode("utf-8").strip()), None
+                    label = int(raw.decode("utf-8").strip())
                 except ValueError:
-                    yield name, None, None, f".{label_key} is not an integer class index: {bytes(raw[:20])!r}"
+                    label = -1
+                if label < 0:
+                    yield name, None, None, f".{label_key} is not a class index >= 0: {bytes(raw[:20])!r}"
+                else:
+                    yield name, data, label, None
 
     return _decode_rows(rows(), **decode_kwargs)
 
@@ -576,13 +679,23 @@ def webdataset_shards(
 
     Uses `ray.data.read_webdataset` with its decoder off, so images decode exactly like the other
     sources. `.cls` holds the integer label as text. Samples without an image or a valid label are
-    skipped (and recorded) or raise, per on_error.
+    skipped (and recorded) or raise, per on_error. A shard whose size is not a whole tar archive (cut
+    off mid-write) raises on the driver, naming the file. Files and folders starting with "." or "_"
+    are ignored.
     """
     _check_options(res, channels, on_error)
     fs, base = resolve_filesystem(path)
     files = list_files(fs, base, ["tar"])
     if not files:
         raise ValueError(f"no .tar shards under {path!r}; FIX THIS by pointing to the shard folder")
+    for info in fs.get_file_info(files):
+        # tar writers pad archives to 512-byte blocks: any other size means the shard was cut off, and
+        # Ray's tar reader would then fail mid-epoch with a bare tarfile error.
+        if info.size == 0 or info.size % 512:
+            raise ValueError(
+                f"{info.path}: {info.size} bytes is not a whole tar archive (sizes are multiples of 512); "
+                "FIX THIS by rewriting the shard or deleting it (a write that was cut off leaves such files)"
+            )
     ds = ray.data.read_webdataset(
         files, filesystem=fs, decoder=None, include_paths=False, shuffle=_file_shuffle(file_shuffle_seed)
     )

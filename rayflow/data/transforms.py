@@ -22,13 +22,41 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"channels={channels} is not supported; FIX THIS by using 1 (grayscale) or 3 (RGB)")
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float single-channel images -> mode "L"; other modes unchanged."""
+    if img.mode.startswith("I"):  # "I;16", "I;16B", ... (16-bit PNG/TIFF) and "I" (16-bit PGM, 32-bit TIFF)
+        arr = np.asarray(img).astype(np.int64)  # (H, W)
+        lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+        if lo < 0 or hi > 65535:
+            raise ValueError(
+                f"{img.mode} image with values {lo}..{hi} outside 0..65535 has no 8-bit meaning "
+                "(convert the file to 8- or 16-bit grayscale)"
+            )
+        # Top 8 bits: the same mapping PIL applies to 16-bit RGB(A), so a gray 16-bit image and its
+        # RGB copy decode alike. PIL's own convert("L") would clip every value above 255 to white.
+        return Image.fromarray((arr >> 8).astype(np.uint8))  # mode "L"
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if not np.isfinite(arr).all() or arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > 1.0:
+            raise ValueError(
+                "float image with values outside [0, 1] (or NaN/inf) has no 8-bit meaning "
+                "(convert the file to 8-bit, or scale it to [0, 1])"
+            )
+        return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8))  # mode "L"
+    return img
+
+
 def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, ...) to uint8 (H, W, channels).
 
     The format is sniffed from the content, never from a file name, so a PNG named .JPEG decodes.
     CMYK, palette, grayscale and alpha images are converted with PIL's `convert("RGB")` (or "L"),
-    as ADM/EDM's dataset tools do; EXIF orientation is ignored for the same reason.
-    Raises ValueError on empty, corrupt or truncated data.
+    as ADM/EDM's dataset tools do (alpha is dropped, not composited); EXIF orientation and ICC
+    profiles are ignored for the same reason. High-bit-depth images keep their top 8 bits, as PIL
+    already does for 16-bit RGB(A): 16-bit grayscale (and 32-bit integer images with values in
+    0..65535) is shifted right by 8 instead of PIL's clipping to 255, and float images must hold
+    values in [0, 1] (scaled by 255).
+    Raises ValueError on empty, corrupt or truncated data and on pixel values it cannot map to 8 bits.
     """
     _check_channels(channels)
     if not data:
@@ -38,7 +66,7 @@ def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
             # load() decodes all pixels now; Image.open only reads the header, so a truncated
             # file would otherwise pass here and fail later inside a worker.
             img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # PIL raises OSError ("image file is truncated"), UnidentifiedImageError (an OSError) or
         # SyntaxError (broken PNG chunks) on bad data.

@@ -91,3 +91,64 @@ def make_image_folder(root: Path, seed: int = 0) -> ImageFolderSpec:
 if __name__ == "__main__":
     spec = make_image_folder(Path(sys.argv[1]))
     print(f"wrote {spec.num_good} good and {len(spec.bad)} bad images in {len(spec.classes)} classes to {spec.root}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Odd encodings and modes (bad-input tests)
+# ---------------------------------------------------------------------------------------------------
+
+
+def encode_png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 (H, W) gray or (H, W, 3) RGB pixels, written by hand (PIL cannot save
+    16-bit RGB): signature, IHDR, one zlib IDAT of unfiltered rows, IEND."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    color_type = 0 if pixels.ndim == 2 else 2  # gray | RGB
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@dataclass
+class OddImage:
+    """Encoded bytes and the uint8 pixels decode_image must return for them (gray: (H, W); RGB:
+    (H, W, 3)); expected is None where only the shape and a tolerance can be checked (lossy JPEG)."""
+
+    data: bytes
+    expected: np.ndarray | None
+    gray: bool
+
+
+def odd_images(seed: int = 0) -> dict[str, OddImage]:
+    """One image per mode real crawls and scientific sets contain, with the pixels they must decode to."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, OddImage] = {}
+    rgb = _picture(rng, 21, 34)
+    gray16 = rng.integers(0, 65536, (19, 23), dtype=np.uint16)
+    rgb48 = rng.integers(0, 65536, (12, 15, 3), dtype=np.uint16)
+    out["gray16.png"] = OddImage(encode_png16(gray16), (gray16 >> 8).astype(np.uint8), gray=True)
+    out["rgb48.png"] = OddImage(encode_png16(rgb48), (rgb48 >> 8).astype(np.uint8), gray=False)
+    # 16-bit PGM: PIL opens it in mode "I" (32-bit integers)
+    out["gray16.pgm"] = OddImage(_encode(Image.fromarray(gray16), "PPM"), (gray16 >> 8).astype(np.uint8), gray=True)
+    unit = rng.random((9, 14)).astype(np.float32)
+    out["float01.tif"] = OddImage(_encode(Image.fromarray(unit), "TIFF"), np.rint(unit * 255).astype(np.uint8), True)
+    palette = Image.fromarray(rgb).quantize(colors=16)
+    out["palette.png"] = OddImage(_encode(palette, "PNG"), np.asarray(palette.convert("RGB")), gray=False)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    out["palette_transparent.png"] = OddImage(
+        _encode(transparent, "PNG"), np.asarray(palette.convert("RGB")), gray=False
+    )
+    la = np.stack([rgb[..., 0], rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)], axis=-1)
+    out["gray_alpha.png"] = OddImage(_encode(Image.fromarray(la, "LA"), "PNG"), rgb[..., 0], gray=True)
+    bits = rng.random((10, 10)) < 0.5
+    out["bilevel.png"] = OddImage(_encode(Image.fromarray(bits), "PNG"), bits.astype(np.uint8) * 255, gray=True)
+    out["cmyk.jpg"] = OddImage(_encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None, gray=False)
+    out["gray.jpg"] = OddImage(_encode(Image.fromarray(rgb[..., 1]), "JPEG"), None, gray=True)
+    return out
