@@ -47,8 +47,12 @@ def save_state_dict(state: dict, path: str | os.PathLike) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a crash mid-write leaves the previous file, and no half-written one
+        raise
     return sha256_file(path)
 
 

@@ -4,15 +4,14 @@ Every function takes the tracking URI and a run id and talks to MLflow through i
 never through the fluent global "active run": a Tune driver holds a parent run and several child runs in
 one process. Use `sqlite:////absolute/path.db` or `http://host:port` (MLflow 3's file store is disabled).
 
-`mlflow` is imported inside the functions, not at module level: importing it costs seconds, and
-`save_image_grid` is also used where MLflow has no business (sample scripts, workers writing PNGs).
+`mlflow` is imported inside the functions, not at module level: importing it costs seconds.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
-import math
 import numbers
 import os
 import subprocess
@@ -26,6 +25,10 @@ import numpy as np
 # ray.train.UserCallback is this class, but exported only while Train V2 is on (the 2.60 default);
 # importing it from its home keeps track.py importable with RAY_TRAIN_V2_ENABLED=0.
 from ray.train.v2.api.callback import UserCallback
+
+from rayflow.evaluation.grid import SAMPLES_FILE, save_image_grid
+
+__all__ = ["save_image_grid"]  # re-exported: sample scripts and tests use it through track
 
 if TYPE_CHECKING:
     import torch
@@ -349,39 +352,6 @@ def log_image_grid(
     return f"{artifact_path}/{filename}"
 
 
-def save_image_grid(
-    images: np.ndarray | torch.Tensor, path: str, nrow: int | None = None, *, pad_value: int = 128
-) -> None:
-    """Write images (N, C, H, W) or (N, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid.
-
-    `nrow` images per row (default: ceil(sqrt(N)), a square-ish grid); 2-px borders of `pad_value`
-    (mid-grey by default, so both black-background digits and photos show their edges).
-    """
-    from PIL import Image
-
-    x = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images)
-    if x.ndim == 3:
-        x = x[:, None]  # (N, 1, H, W)
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-        raise ValueError(
-            f"image grid needs a non-empty (N, C, H, W) batch with C in (1, 3), got shape "
-            f"{x.shape}; FIX THIS by passing channel-first images (x.permute(0, 3, 1, 2))"
-        )
-    n, ch, h, w = x.shape
-    pixels = np.clip(np.round((x.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    cols = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pad = 2
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, ch), pad_value, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[top : top + h, left : left + w] = pixels[i].transpose(1, 2, 0)  # (H, W, C)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img = Image.fromarray(canvas[..., 0], mode="L") if ch == 1 else Image.fromarray(canvas, mode="RGB")
-    img.save(path, format="PNG")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Ray Train controller callback
 # ---------------------------------------------------------------------------------------------------
@@ -393,17 +363,29 @@ class MLflowReportCallback(UserCallback):
     Build it on the driver with the run from `start_run` and pass it in `RunConfig(callbacks=[...])`.
     Ray pickles it into the controller actor, so it holds only strings and opens its MLflow client on
     first use. Metrics are logged at step = rank 0's `images_seen` (comparable across worker counts and
-    resumes); a reported checkpoint's path goes into the tag `rayflow.latest_checkpoint`. A tracking
-    error is logged as a warning and does not stop training.
+    resumes); a reported checkpoint's path goes into the tag `rayflow.latest_checkpoint`, its sample grid
+    (in-training evaluation) into images/progress/.
+
+    A tracking outage never stops training: what could not be logged is queued (in order) and retried at
+    every later report, with short timeouts so a dead server does not stall the controller; the queue is
+    also spooled to `spool` (a local JSON-lines file) so the driver can replay it after training
+    (`replay_spool`). A run that needed retries gets the tag `rayflow.tracking_retried` (reports delayed).
     """
 
-    def __init__(self, uri: str, run_id: str, prefix: str = "") -> None:
+    MAX_QUEUE = 10_000  # reports; beyond that the oldest are dropped (and counted in the warning)
+
+    def __init__(self, uri: str, run_id: str, prefix: str = "", *, spool: str | None = None) -> None:
         _check_uri(uri)
         self.uri = uri
         self.run_id = run_id
         self.prefix = prefix
+        self.spool = spool
         self._client: MlflowClient | None = None
         self._reports = 0  # fallback step when a report has no images_seen
+        self._queue: list[tuple] = []  # ("metrics", {name: value}, step) | ("tag", key, value) | ("grid", ...)
+        self._retried = 0  # reports that were logged late
+        self._dropped = 0
+        self._failing = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Clients hold DB engines and sessions, which neither pickle nor survive a process hop.
@@ -414,25 +396,123 @@ class MLflowReportCallback(UserCallback):
             self._client = client(self.uri)
         return self._client
 
+    def _log_sample_grid(self, path: str, filesystem: Any, step: int) -> None:
+        """The in-training evaluation's PNG (inside the checkpoint) as images/progress/<prefix>step_<N>.png."""
+        src = f"{path.rstrip('/')}/{SAMPLES_FILE}"
+        if filesystem.get_file_info(src).type.name != "File":
+            return  # no evaluation at this checkpoint, or Train already deleted it
+        with tempfile.TemporaryDirectory(prefix="rayflow-grid-") as tmp:
+            local = os.path.join(tmp, f"{self.prefix}step_{int(step):010d}.png")
+            with filesystem.open_input_stream(src) as f, open(local, "wb") as out:
+                out.write(f.read())
+            self._mlflow().log_artifact(self.run_id, local, "images/progress")
+
+    def _apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "metrics":
+            _log_metrics(self._mlflow(), self.run_id, op[1], op[2])
+        elif kind == "tag":
+            self._mlflow().set_tag(self.run_id, op[1], op[2])
+        else:  # grid
+            self._log_sample_grid(op[1], op[2], op[3])
+
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any | None) -> None:
-        """Log rank 0's numeric metrics at step images_seen; tag the latest checkpoint's path."""
+        """Queue rank 0's numeric metrics (step images_seen), the checkpoint tag and grid; flush the queue."""
         self._reports += 1
+        rank0 = metrics[0] if metrics else {}
+        if "images_seen" in rank0:
+            step = int(rank0["images_seen"])
+        else:
+            step = self._reports
+            logger.warning("report without images_seen; logging MLflow step %d (report count). FIX THIS by "
+                           "reporting images_seen from the training loop", step)
+        if rank0:
+            self._queue.append(("metrics", numeric_metrics(rank0, self.prefix), step))
+        if checkpoint is not None:
+            self._queue.append(("tag", CHECKPOINT_TAG, checkpoint.path))
+            self._queue.append(("grid", checkpoint.path, checkpoint.filesystem, step))
+        if len(self._queue) > self.MAX_QUEUE:
+            self._dropped += len(self._queue) - self.MAX_QUEUE
+            del self._queue[: len(self._queue) - self.MAX_QUEUE]
+        self.flush()
+
+    def flush(self) -> bool:
+        """Log the queue in order; on the first failure keep the rest (and spool it). True when empty."""
+        with _short_http_retries():
+            while self._queue:
+                try:
+                    self._apply(self._queue[0])
+                except Exception as err:  # broad on purpose: a tracking outage must not kill a training run
+                    if not self._failing:
+                        logger.warning("MLflow logging to run %s at %s failed (%s); training continues, %d "
+                                       "report(s) queued for retry", self.run_id, self.uri, err, len(self._queue))
+                    self._failing = True
+                    self._write_spool()
+                    return False
+                self._queue.pop(0)
+        if self._failing:  # an outage is over: say so on the run
+            self._retried += 1
+            self._failing = False
+            try:
+                self._mlflow().set_tag(self.run_id, RETRIED_TAG, f"reports logged late after an outage; "
+                                       f"{self._dropped} dropped from a full queue")
+            except Exception:
+                pass
+            logger.warning("MLflow at %s reachable again; queued reports logged", self.uri)
+        self._write_spool()
+        return True
+
+    def _write_spool(self) -> None:
+        if not self.spool:
+            return
+        rows = [{"metrics": op[1], "step": op[2]} for op in self._queue if op[0] == "metrics"]
         try:
-            if metrics:
-                rank0 = metrics[0]
-                if "images_seen" in rank0:
-                    step = int(rank0["images_seen"])
-                else:
-                    step = self._reports
-                    logger.warning(
-                        "report without images_seen; logging MLflow step %d (report count). FIX "
-                        "THIS by reporting images_seen from the training loop",
-                        step,
-                    )
-                _log_metrics(self._mlflow(), self.run_id, numeric_metrics(rank0, self.prefix), step)
-            if checkpoint is not None:
-                self._mlflow().set_tag(self.run_id, CHECKPOINT_TAG, checkpoint.path)
-        except Exception:  # broad on purpose: a tracking outage must not kill a multi-hour training run
-            logger.warning(
-                "MLflow logging to run %s at %s failed; training continues", self.run_id, self.uri, exc_info=True
-            )
+            os.makedirs(os.path.dirname(os.path.abspath(self.spool)), exist_ok=True)
+            tmp = f"{self.spool}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(tmp, self.spool)
+        except OSError as err:
+            logger.warning("could not write the MLflow spool %s: %s", self.spool, err)
+
+
+RETRIED_TAG = "rayflow.tracking_retried"
+
+
+class _short_http_retries:
+    """MLflow's HTTP client retries ~7 times with backoff (minutes) by default; inside the training
+    controller a dead server must cost seconds per report, so lower the budget around our calls."""
+
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.SETTINGS}
+        for k, v in self.SETTINGS.items():
+            os.environ.setdefault(k, v)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def replay_spool(uri: str, run_id: str, spool: str) -> int:
+    """Log the metrics a training controller could not (see MLflowReportCallback); returns how many
+    reports were replayed, and removes the spool once they are in. Warns and keeps it when MLflow is down."""
+    if not os.path.isfile(spool):
+        return 0
+    with open(spool) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        c = client(uri)
+        for row in rows:
+            _log_metrics(c, run_id, row["metrics"], row["step"])
+        if rows:
+            c.set_tag(run_id, RETRIED_TAG, f"{len(rows)} report(s) replayed by the driver after training")
+    except Exception as err:
+        logger.warning("MLflow at %s still unreachable: %d report(s) of run %s not logged; they stay in %s and are "
+                       "replayed when the job is rerun (%s)", uri, len(rows), run_id, spool, err)
+        return 0
+    os.unlink(spool)
+    return len(rows)

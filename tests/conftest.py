@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,32 +59,20 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             "Ray was already initialised before the ray_cluster fixture; FIX THIS by requesting the "
             "ray_cluster fixture instead of calling ray.init() in tests"
         )
-    port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # `python` in a submitted job's entrypoint must be this environment's interpreter, as on a cluster
     # whose image has rayflow installed.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         f"--num-cpus={TEST_CLUSTER_CPUS}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={tmp}", "--disable-usage-stats",
-         # fixed defaults would collide with any other Ray on this machine (the job agent then never starts)
-         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                  "runtime-env-agent-port", "metrics-export-port",
-                                                  "ray-client-server-port"))],
-        env=os.environ.copy(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    address = f"127.0.0.1:{port}"
+    head = None
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        # A loaded machine can fail a head's start (GCS health-check timeouts): try again on fresh ports.
+        for attempt in range(3):
+            head, address, dash = _start_head(ray_bin, tmp / f"a{attempt}")
+            if _connect(ray, head, address, deadline=time.time() + 180):
                 break
-            except Exception:
-                if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError(f"the test Ray head on {address} did not come up") from None
-                time.sleep(1)
+            stop_process_group(head)
+        else:
+            raise RuntimeError(f"the test Ray head did not come up in 3 attempts (logs under {tmp})")
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -92,13 +81,88 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield info
     finally:
         ray.shutdown()
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(head.pid, signal.SIGKILL)
+        if head is not None:
+            stop_process_group(head)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _start_head(ray_bin: str, temp_dir: Path) -> tuple[subprocess.Popen, str, int]:
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         f"--num-cpus={TEST_CLUSTER_CPUS}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # fixed defaults would collide with any other Ray on this machine (the job agent then never starts)
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                  "runtime-env-agent-port", "metrics-export-port",
+                                                  "ray-client-server-port"))],
+        env=os.environ.copy(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return head, f"127.0.0.1:{port}", dash
+
+
+def _connect(ray: Any, head: subprocess.Popen, address: str, deadline: float) -> bool:
+    while True:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            return True
+        except Exception:
+            if time.time() > deadline or head.poll() is not None:
+                return False
+            time.sleep(1)
+
+
+def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port with a sqlite backend under tmp, in its own process group; returns
+    once /health answers. Restarting it on the same tmp and port brings the same store back."""
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner pool (~3 GB)
+    with open(tmp / "server.log", "a") as log:
+        proc = subprocess.Popen(
+            [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+             "--default-artifact-root", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_process_group(proc)
+            raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            return
+        except ProcessLookupError:  # already gone
+            proc.poll()
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend) for the module; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)

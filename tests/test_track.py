@@ -176,3 +176,44 @@ def test_report_callback_survives_tracking_errors(store, caplog):
     with caplog.at_level(logging.WARNING, logger="rayflow.track"):
         cb.after_report(run_context=None, metrics=[{"loss": 1.0, "images_seen": 1}], checkpoint=None)
     assert "training continues" in caplog.text
+
+
+def test_tracking_outage_queues_retries_and_spools(tmp_path):
+    """A real server stopped mid-run: reports are queued (not raised), spooled, logged in order once it is
+    back, the run is tagged; a spool left by a controller that died during the outage is replayed."""
+    import json
+    import time
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import free_port, start_mlflow_server, stop_process_group
+
+    port, store, spool = free_port(), tmp_path / "server", tmp_path / "spool.jsonl"
+    store.mkdir()
+    proc = start_mlflow_server(store, port)
+    uri = f"http://127.0.0.1:{port}"
+    run_id = track.start_run(uri, "outage", {"a": 1}, experiment="rayflow")
+    cb = track.MLflowReportCallback(uri, run_id, spool=str(spool))
+    cb.after_report(None, [{"images_seen": 64, "loss": 1.0}], None)
+    stop_process_group(proc)
+    t0 = time.perf_counter()
+    for step, loss in ((128, 0.5), (192, 0.25)):
+        cb.after_report(None, [{"images_seen": step, "loss": loss}], None)  # must neither raise nor hang
+    assert time.perf_counter() - t0 < 90
+    assert [json.loads(line)["step"] for line in spool.read_text().splitlines()] == [128, 192]
+
+    proc = start_mlflow_server(store, port)
+    try:
+        cb.after_report(None, [{"images_seen": 256, "loss": 0.125}], None)
+        c = MlflowClient(tracking_uri=uri)
+        history = c.get_metric_history(run_id, "loss")
+        assert [(h.step, h.value) for h in history] == [(64, 1.0), (128, 0.5), (192, 0.25), (256, 0.125)]
+        assert track.RETRIED_TAG in c.get_run(run_id).data.tags
+        assert spool.read_text() == ""  # nothing left for the driver
+        assert track.replay_spool(uri, run_id, str(spool)) == 0 and not spool.exists()
+
+        spool.write_text(json.dumps({"metrics": {"loss": 0.0625}, "step": 320}) + "\n")
+        assert track.replay_spool(uri, run_id, str(spool)) == 1 and not spool.exists()
+        assert [h.step for h in c.get_metric_history(run_id, "loss")][-1] == 320
+    finally:
+        stop_process_group(proc)

@@ -12,52 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a sqlite backend, in its own process group; yields its URI."""
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner pool (~3 GB)
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--default-artifact-root", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _tune_cmd(storage: Path, uri: str, *overrides: str, module: str = "rayflow.tune") -> list[str]:
@@ -96,6 +55,7 @@ def sweep_run(ray_cluster, mlflow_server, tmp_path_factory):
     return storage, proc.stdout
 
 
+@pytest.mark.slow  # a real 4-trial / 2-trial sweep: minutes
 def test_every_trial_is_a_child_run_with_params_and_metrics(sweep_run, mlflow_server):
     parent, children = _runs(mlflow_server, "smoke")
     assert parent.info.status == "FINISHED"
@@ -118,13 +78,22 @@ def test_every_trial_is_a_child_run_with_params_and_metrics(sweep_run, mlflow_se
             completed += 1
             assert m["images_seen"] == 1024 and m["eval.student.fd"] > 0
             assert m["eval.student.nfe"] == float(c.data.params["distill.steps"])
-            history = _client(mlflow_server).get_metric_history(c.info.run_id, "eval.proxy_fd")
+            client = _client(mlflow_server)
+            history = client.get_metric_history(c.info.run_id, "eval.proxy_fd")
             assert sorted(h.step for h in history) == [512, 1024]  # every eval_every_images, and at the end
+            # each in-training evaluation's sample grid, and the best checkpoint's weights beside the last
+            grids = {a.path for a in client.list_artifacts(c.info.run_id, "images/progress")}
+            assert grids == {"images/progress/step_0000000512.png", "images/progress/step_0000001024.png"}
+            weights = {a.path for a in client.list_artifacts(c.info.run_id, "student")}
+            assert weights == {"student/student.pt", "student/student_best.pt"}
+            best = min(h.value for h in history)
+            assert m["best.eval.proxy_fd"] == pytest.approx(best)
         else:
             assert tags["rayflow.trial_status"] == "early_stopped" and m["images_seen"] < 1024
     assert completed >= 1  # the first trial to reach the rung always continues
 
 
+@pytest.mark.slow  # a real 4-trial / 2-trial sweep: minutes
 def test_report_table_and_plot_are_written_and_logged(sweep_run, mlflow_server):
     storage, stdout = sweep_run
     report = storage / "smoke" / "report"
@@ -137,6 +106,7 @@ def test_report_table_and_plot_are_written_and_logged(sweep_run, mlflow_server):
     assert logged == {"report/report.md", "report/report.png"}
 
 
+@pytest.mark.slow  # a real 4-trial / 2-trial sweep: minutes
 def test_report_command_rereads_the_sweep(sweep_run, mlflow_server, ray_cluster):
     storage, _ = sweep_run
     proc = subprocess.run(_tune_cmd(storage, mlflow_server, module="rayflow.report"), cwd=ROOT,
@@ -148,6 +118,7 @@ def test_report_command_rereads_the_sweep(sweep_run, mlflow_server, ray_cluster)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
 
 
+@pytest.mark.slow  # a real 4-trial / 2-trial sweep: minutes
 def test_interrupted_sweep_resumes_where_it_stopped(ray_cluster, mlflow_server, tmp_path):
     storage = tmp_path / "runs"
     # two trials, run to the end (fifo), so the first one finishes before the interrupt

@@ -5,6 +5,8 @@ Notation (method.md): z_t = alpha_t x + sigma_t eps; a denoiser g(z_t, t, cond) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -56,6 +58,25 @@ def posterior(
     return mean, var.to(z_t.dtype)
 
 
+# One generator for the whole batch, or one per example (a sequence of B): then example i's noise comes from
+# generator i alone, so the same example draws the same noise in any batch (distributed evaluation).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def standard_normal(
+    shape: tuple[int, ...], generator: Generators = None, *, device=None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """eps ~ N(0, I) of `shape` (B, ...), from `generator` or, for a sequence, row i from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} per-example generators for a batch of {shape[0]}; FIX THIS by "
+                         "passing one generator per example (or a single torch.Generator)")
+    # each row on its generator's device (CPU generators give the same noise on any accelerator)
+    rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]  # B x (...)
+    return torch.stack(rows).to(device=device)  # (B, ...)
+
+
 def posterior_sample(
     z_t: torch.Tensor,
     x: torch.Tensor,
@@ -63,11 +84,11 @@ def posterior_sample(
     t: torch.Tensor,
     schedule: Schedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
-    """z_s ~ q(z_s | z_t, x) (the ancestral step)."""
+    """z_s ~ q(z_s | z_t, x) (the ancestral step); `generator` as in `standard_normal`."""
     mean, var = posterior(z_t, x, s, t, schedule)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    noise = standard_normal(mean.shape, generator, device=mean.device, dtype=mean.dtype)  # (B, ...)
     return mean + bcast(var.sqrt(), mean) * noise  # (B, ...)
 
 

@@ -1,16 +1,17 @@
 """Samplers, one signature: sample_X(denoiser, z, ts, schedule, *, cond=None, generator=None) -> x.
 
 `ts` is a decreasing 1-D time grid from 1 to 0 (see `time_grid`); a sampler makes one denoiser call per
-interval, so NFE = len(ts) - 1.
+interval, so NFE = len(ts) - 1. `generator` is one torch.Generator for the batch or one per example
+(`example_generators`): per-example noise makes every sample independent of the batch it was drawn in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from rayflow.core.diffusion import bcast, posterior_sample
+from rayflow.core.diffusion import Generators, bcast, posterior_sample, standard_normal
 from rayflow.core.schedule import Schedule
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -21,6 +22,24 @@ def time_grid(steps: int, *, device: torch.device | str | None = None) -> torch.
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64, device=device)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def example_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per example index, seeded from (seed, index) alone: example i draws the same
+    initial noise and step noise whatever batch, worker or machine it is sampled on."""
+    # splitmix64 mixing: neighbouring (seed, index) pairs get unrelated Mersenne-Twister seeds
+    base = _splitmix64(seed & _MASK64)
+    return [torch.Generator().manual_seed(_splitmix64(base ^ (int(i) & _MASK64))) for i in indices]
 
 
 def _times(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -35,7 +54,7 @@ def sample_ancestral(
     schedule: Schedule,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Stochastic ancestral sampling: x_hat = g(z_t, t); z_s ~ q(z_s | z_t, x = x_hat); last step returns x_hat.
 
@@ -62,7 +81,7 @@ def sample_ddim(
     schedule: Schedule,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Deterministic DDIM: z_s = alpha_s x_hat + sigma_s eps_hat, eps_hat = (z_t - alpha_t x_hat) / sigma_t."""
     del generator  # deterministic; kept for the shared signature
@@ -90,11 +109,11 @@ def sample(
     schedule: Schedule,
     *,
     cond: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Draw z_1 ~ N(0, I) of `shape` and run sampler `name` for `steps` network calls."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    z = torch.randn(shape, generator=generator, device=device)
+    z = standard_normal(shape, generator, device=device)  # (B, ...)
     return SAMPLERS[name](denoiser, z, time_grid(steps, device=device), schedule, cond=cond, generator=generator)

@@ -1,4 +1,8 @@
-"""Class-conditional sample generation for evaluation, shared by the driver and training workers."""
+"""Class-conditional sample generation for evaluation, shared by the driver, sampling actors and training workers.
+
+Noise is drawn per sample index (`example_generators(seed, i)`), so sample i is the same whether it is drawn
+alone, in a batch of 250 or by the third of eight actors.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import time
 
 import torch
 
-from rayflow.core.samplers import sample
+from rayflow.core.samplers import example_generators, sample
 
 
 def denoiser_schedule(denoiser: torch.nn.Module):
@@ -25,13 +29,18 @@ def generate_samples(
     batch: int,
     seed: int,
     device: torch.device | str = "cpu",
+    first_index: int = 0,
 ) -> tuple[torch.Tensor, float]:
-    """One sample per label (N,) of shape (C, H, W) with `sampler` at `steps`, in batches; returns the
-    samples (N, C, H, W) clamped to [-1, 1] on CPU and the seconds it took."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    """One sample per label (N,) of shape (C, H, W) with `sampler` at `steps`, `batch` at a time; returns the
+    samples (N, C, H, W) clamped to [-1, 1] on CPU and the seconds it took.
+
+    labels[j] is sample index first_index + j, whose noise comes from (seed, first_index + j) alone.
+    """
     out, t0 = [], time.perf_counter()
-    for y in labels.split(batch):
+    for start in range(0, len(labels), batch):
+        y = labels[start : start + batch]
+        gens = example_generators(seed, range(first_index + start, first_index + start + len(y)))
         x = sample(sampler, denoiser, (len(y), *image_shape), steps, denoiser_schedule(denoiser),
-                   cond=y.to(device), generator=g, device=device)
+                   cond=y.to(device), generator=gens, device=device)
         out.append(x.float().cpu())
     return torch.cat(out).clamp(-1, 1), time.perf_counter() - t0

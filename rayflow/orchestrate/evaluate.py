@@ -1,22 +1,34 @@
-"""Evaluation of teacher and student checkpoints on the driver: samples, offline image metrics, grids."""
+"""Evaluation of teacher and student checkpoints: samples drawn on Ray actors, offline image metrics (and FID /
+Inception Score with the standard Inception-v3 when eval.inception_weights is set), scored on the driver."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from rayflow.config import JobConfig
+from rayflow.config import EvalTarget, JobConfig
+from rayflow.core.metrics import gaussian_stats
 from rayflow.evaluation.classifier import load_or_train_classifier
+from rayflow.evaluation.fid import (
+    ReferenceStats,
+    fid_from_stats,
+    inception_features,
+    inception_score,
+    reference_stats,
+)
 from rayflow.evaluation.generate import generate_samples
+from rayflow.evaluation.inception import FIDInceptionV3, load_fid_inception
 from rayflow.evaluation.metrics import image_metrics, real_reference, save_reference
-from rayflow.models import guided, load_teacher
 from rayflow.orchestrate.datasets import train_dataset
+from rayflow.orchestrate.generate import draw_samples, image_shape
 
 # Real images behind the metrics' reference: enough for stable feature statistics on the built-in data.
 MIN_REAL = 2000
+FID_BATCH = 50  # Inception forward batch (the 299 px activations of 50 images take ~1 GB)
 
 
 def cache_dir(job: JobConfig) -> str:
@@ -35,11 +47,10 @@ def real_images(job: JobConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def generate(
     denoiser: torch.nn.Module, job: JobConfig, sampler: str, steps: int, n: int, *, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n class-conditional samples (labels cycle over the classes); returns samples, labels, seconds."""
-    d = job.data
-    labels = torch.arange(n) % d.num_classes
-    x, secs = generate_samples(denoiser, sampler, steps, labels, (d.channels, d.resolution, d.resolution),
-                               batch=job.run.eval_batch, seed=seed)
+    """n class-conditional samples (labels cycle over the classes) from a loaded denoiser on the driver; returns
+    samples, labels, seconds. The same samples as `draw_samples` gives for the same checkpoint and seed."""
+    labels = torch.arange(n) % job.data.num_classes
+    x, secs = generate_samples(denoiser, sampler, steps, labels, image_shape(job), batch=job.run.eval_batch, seed=seed)
     return x, labels, secs
 
 
@@ -66,31 +77,98 @@ def evaluate(
     may be None (a sweep evaluates its teacher once and each trial's student alone).
 
     Metrics in the feature space of a small classifier trained on the same data (cached in cache_dir):
-    Frechet distance `fd`, class accuracy of the samples, precision and recall. Returns
-    {"metrics": {...}, "samples": {name: tensor}}.
+    Frechet distance `fd`, class accuracy of the samples, precision and recall; with eval.inception_weights
+    also FID and Inception Score. Samples are drawn on eval.workers Ray actors. Returns
+    {"metrics": {...}, "samples": {name: tensor}, "classifier_sha256": ..., "fid_reference": ... | None}.
     """
-    n, k = job.run.eval_samples, job.distill.steps
-    classifier, clf_sha, real_x, real_y = _classifier(job, cache_dir, n)
+    k = job.distill.steps
     runs = []
     if teacher_path:
-        teacher = guided(load_teacher(teacher_path, job.model, job.data, teacher=job.teacher),
-                         job.teacher.guidance_scale, job.data.num_classes)
-        runs += [("teacher_ancestral", teacher, "ancestral", job.teacher.sample_steps),
-                 ("teacher_ddim", teacher, "ddim", k)]
+        runs += [EvalRun("teacher_ancestral", teacher_path, "teacher", "ancestral", job.teacher.sample_steps),
+                 EvalRun("teacher_ddim", teacher_path, "teacher", "ddim", k)]
     if student_path:
-        # same architecture and adapter as the teacher, weights only
-        student = load_teacher(student_path, job.model, job.data, teacher=job.teacher)
-        runs.append(("student", student, "student", k))
+        runs.append(EvalRun("student", student_path, "student", "student", k))
+    return evaluate_runs(job, runs, cache_dir, n=job.run.eval_samples, seed=job.run.seed + 17)
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluated row: metrics land under eval.<name>.*."""
+
+    name: str
+    path: str  # checkpoint
+    model: str  # teacher | student: how the checkpoint is called
+    sampler: str
+    steps: int
+
+
+def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int, seed: int) -> dict:
+    """n class-conditional samples (labels cycle over the classes) per run, scored as `evaluate` describes."""
+    inception = load_inception(job)  # first: a wrong weights file fails before minutes of sampling
+    classifier, clf_sha, real_x, real_y = _classifier(job, cache_dir, n)
+    ref = fid_reference(job, cache_dir, inception) if inception is not None else None
     metrics: dict[str, float] = {"eval.classifier_sha256_prefix": int(clf_sha[:8], 16)}
+    if ref is not None:
+        metrics |= {"eval.fid_reference_n": ref.n, "eval.fid_reference_sha256_prefix": int(ref.sha256[:8], 16)}
+    labels = torch.arange(n) % job.data.num_classes
     samples = {}
-    for name, den, sampler, steps in runs:
-        x, y, secs = generate(den, job, sampler, steps, n, seed=job.run.seed + 17)
-        m = image_metrics(classifier, x, y, real_x, real_y)
-        metrics.update({f"eval.{name}.{key}": float(v) for key, v in m.items()})
-        metrics[f"eval.{name}.nfe"] = steps
-        metrics[f"eval.{name}.s_per_1k"] = secs * 1000.0 / n
-        samples[name] = x
-    return {"metrics": metrics, "samples": samples, "classifier_sha256": clf_sha}
+    for r in runs:
+        x, secs = draw_samples(job, r.path, r.model, r.sampler, r.steps, labels, seed=seed)
+        m = image_metrics(classifier, x, labels, real_x, real_y)
+        if ref is not None:
+            m |= fid_metrics(inception, x, ref)
+        metrics.update({f"eval.{r.name}.{key}": float(v) for key, v in m.items()})
+        metrics[f"eval.{r.name}.nfe"] = r.steps
+        metrics[f"eval.{r.name}.s_per_1k"] = secs * 1000.0 / n
+        samples[r.name] = x
+    return {"metrics": metrics, "samples": samples, "classifier_sha256": clf_sha,
+            "fid_reference": None if ref is None else {"sha256": ref.sha256, "n": ref.n, "meta": ref.meta}}
+
+
+def evaluate_checkpoint(job: JobConfig, target: EvalTarget) -> dict:
+    """`python -m rayflow.evaluate`: one checkpoint at its sampler and steps, scored as `evaluate` does; the row
+    is named like the final evaluation's (student, teacher_ancestral, teacher_ddim, ...)."""
+    name = "student" if (target.model, target.sampler) == ("student", "student") else f"{target.model}_{target.sampler}"
+    run = EvalRun(name, target.checkpoint, target.model, target.sampler, target.steps)
+    ev = evaluate_runs(job, [run], cache_dir(job), n=target.samples, seed=target.seed)
+    return {**ev, "name": name}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_inception(job: JobConfig) -> FIDInceptionV3 | None:
+    """The FID Inception-v3 from eval.inception_weights (checked against eval.inception_sha256), or None."""
+    if not job.eval.inception_weights:
+        return None
+    return load_fid_inception(job.eval.inception_weights, job.eval.inception_sha256, device=_device())
+
+
+def fid_reference(job: JobConfig, cache_dir: str, inception: FIDInceptionV3) -> ReferenceStats:
+    """Inception statistics of the first min(eval.fid_reference_samples, data size) training images, preprocessed
+    by the training pipeline itself, cached in cache_dir as .npz (with their hash and n) and reused."""
+    n = train_dataset(job.data).limit(job.eval.fid_reference_samples).count()
+    d = job.data
+    key = f"{_data_key(job)}-train-flip{int(d.random_flip)}-seed{d.seed}"
+
+    def batches():
+        ds = train_dataset(job.data).limit(n)
+        # copies: Ray's batches are read-only, torch warns on them
+        return (np.array(b["image"]) for b in ds.iter_batches(batch_size=FID_BATCH, batch_format="numpy"))
+
+    meta = {"data": {k: getattr(d, k) for k in ("source", "path", "resolution", "channels", "random_flip", "seed")},
+            "pipeline": "rayflow.orchestrate.datasets.train_dataset"}
+    return reference_stats(cache_dir, key, batches, inception, n, batch_size=FID_BATCH, device=_device(), meta=meta)
+
+
+def fid_metrics(inception: FIDInceptionV3, x: torch.Tensor, ref: ReferenceStats) -> dict[str, float]:
+    """FID of samples x (N, C, H, W) against the reference statistics, and their Inception Score (10 splits,
+    fewer when N < 10)."""
+    feats, logits = inception_features(inception, x, batch_size=FID_BATCH, device=_device())
+    mu, sigma = gaussian_stats(feats)
+    is_mean, is_std = inception_score(logits, splits=min(10, len(x)))
+    return {"fid": fid_from_stats(mu, sigma, ref.mu, ref.sigma), "is": is_mean, "is_std": is_std}
 
 
 def _data_key(job: JobConfig) -> str:

@@ -11,7 +11,7 @@ import torch
 from rayflow import track
 from rayflow.config import JobConfig
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
-from rayflow.orchestrate.training import export_student, export_teacher, run_training
+from rayflow.orchestrate.training import BEST_METRIC, export_student, export_teacher, run_training
 
 
 def ensure_ray() -> None:
@@ -29,13 +29,25 @@ def train_and_export(
     `callbacks` are further Ray Train callbacks (a sweep's Tune reporting)."""
     uri = job.tracking.resolved_uri()
     prefix = "teacher." if role == "teacher" else ""
+    # what the controller could not log during an MLflow outage; replayed here after training
+    spool = os.path.join(cache_dir(job), "mlflow-spool", f"{run_id}-{role}.jsonl")
+    track.replay_spool(uri, run_id, spool)  # leftovers of an earlier attempt of this run
     res = run_training(job, role, f"{job.run.name}-{role}",
-                       callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix), *callbacks])
+                       callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix, spool=spool), *callbacks])
+    track.replay_spool(uri, run_id, spool)
     path, digest = export(res.checkpoint_dir, export_dir)
     artifact = "teacher" if role == "teacher" else "student"
     track.log_artifact_file(uri, run_id, path, artifact)
     out[f"{role}_train"] = res.return_value
     out[f"{artifact}_sha256"] = digest
+    if role == "distill" and res.best_checkpoint_dir:  # the best in-training evaluation, kept beside the last
+        best, best_digest = export_student(res.best_checkpoint_dir, export_dir, "student_best.pt")
+        track.log_artifact_file(uri, run_id, best, artifact)
+        m = res.best_metrics
+        track.log_metrics(uri, run_id, {f"best.{BEST_METRIC}": m[BEST_METRIC], "best.images_seen": m["images_seen"]},
+                          step=int(m["images_seen"]))
+        track.set_tags(uri, run_id, {"rayflow.best_checkpoint": res.best_checkpoint_dir})
+        out["student_best_path"], out["student_best_sha256"] = best, best_digest
     return path
 
 

@@ -10,8 +10,9 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayflow.config import JobConfig
+from rayflow.data.pipeline import build_train_dataset
 from rayflow.models import save_state_dict
-from rayflow.orchestrate.datasets import train_dataset
+from rayflow.orchestrate.datasets import source_dataset
 from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
 from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
 from rayflow.worker.state import TEACHER_PRECOND
@@ -22,6 +23,12 @@ class TrainOutcome:
     run_dir: str  # <storage_path>/<name>
     checkpoint_dir: str | None  # latest checkpoint directory (local storage) or URI
     return_value: dict
+    best_checkpoint_dir: str | None = None  # best by BEST_METRIC when in-training evaluation ran
+    best_metrics: dict | None = None
+
+
+# In-training evaluation's score: Train keeps the best checkpoints by it (and always the latest).
+BEST_METRIC, BEST_MODE = "eval.proxy_fd", "min"
 
 
 def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> TrainOutcome:
@@ -43,14 +50,62 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
             name=name,
             storage_path=job.run.absolute_storage(),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                **({"checkpoint_score_attribute": BEST_METRIC, "checkpoint_score_order": BEST_MODE} if reference
+                   else {}),
+            ),
             callbacks=list(callbacks),
         ),
-        datasets={"train": train_dataset(job.data)},
+        datasets={"train": _train_data(job, os.path.join(job.run.absolute_storage(), name))},
+        # Train replaces a dataset's execution options with its ingest defaults, dropping the pipeline's
+        # preserve_order; Ray Data then hands blocks to ranks by arrival and locality, and a resumed rank would
+        # skip other batches than the ones it had consumed.
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest(), enable_shard_locality=False),
     )
     result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {})
+    out = TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {})
+    if reference:
+        scored = [(c, m) for c, m in result.best_checkpoints or [] if BEST_METRIC in m]
+        if scored:
+            best, metrics = min(scored, key=lambda cm: cm[1][BEST_METRIC])
+            out.best_checkpoint_dir, out.best_metrics = best.path, metrics
+    return out
+
+
+def _train_data(job: JobConfig, run_dir: str):
+    """The training dataset as a function: Train calls it at every worker-group start (the first one, each
+    restart after a failure, a rerun of the same name).
+
+    Data order and flips of epoch e derive from (seed, e), and a dataset counts its first pass as the epoch it
+    was built with. Built at the epoch of the checkpoint the workers resume from, it replays that epoch's order,
+    so their skipping of the batches the checkpoint had consumed is exact; one dataset built for the whole run
+    would start a restart inside epoch e with epoch 0's order and skip or repeat images.
+    """
+    d = job.data
+    source = source_dataset(d)  # here, on the driver: a bad path or file fails before any worker starts
+
+    def make():
+        return build_train_dataset(source, seed=d.seed, flip=d.random_flip, preserve_order=True,
+                                   epoch=_resume_epoch(run_dir))
+
+    return make
+
+
+def _ordered_ingest():
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def _resume_epoch(run_dir: str) -> int:
+    # Train's own record of the run's checkpoints; its latest is the one the workers restore.
+    try:
+        latest = ray.train.Result.from_path(run_dir).metrics
+    except RuntimeError:  # no record yet: a fresh run
+        return 0
+    return int((latest or {}).get("epoch", 0))
 
 
 def load_checkpoint_state(checkpoint_dir: str) -> dict:
@@ -75,8 +130,8 @@ def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
     return path, digest
 
 
-def export_student(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
-    """Write the student's EMA weights as `student.pt` (state_dict only). Returns (path, sha256)."""
+def export_student(checkpoint_dir: str, out_dir: str, name: str = "student.pt") -> tuple[str, str]:
+    """Write the student's EMA weights as `name` (state_dict only). Returns (path, sha256)."""
     state = load_checkpoint_state(checkpoint_dir)
-    path = os.path.join(out_dir, "student.pt")
+    path = os.path.join(out_dir, name)
     return path, save_state_dict(state["ema"]["module"], path)

@@ -13,15 +13,18 @@ from collections import defaultdict
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed
 
 from rayflow.config import JobConfig
 from rayflow.data.pipeline import iter_torch_batches
 from rayflow.evaluation.generate import generate_samples
+from rayflow.evaluation.grid import SAMPLES_FILE, save_image_grid
 from rayflow.evaluation.metrics import load_reference, metrics_against
 from rayflow.models import save_state_dict
 from rayflow.worker.state import TrainState, build_state
 
 STATE_FILE = "state.pt"
+LEDGER_KEY = "data"  # DataLedger's totals inside STATE_FILE (TrainState ignores the key)
 
 
 def _seed(*parts: int) -> int:
@@ -32,14 +35,49 @@ def _seed(*parts: int) -> int:
     return h
 
 
-def restore(state: TrainState) -> bool:
-    """Load the latest checkpoint of this run (after a worker restart or a rerun of the same command)."""
+class DataLedger:
+    """What the run consumed from the data, over all ranks: the image count and a float64 checksum, the sum over
+    batches of (a fixed random projection of each image, summed) x (1 + the batch's slot, update * world + rank).
+    It travels inside checkpoints, so a resumed run that skipped or repeated an image, or fed one to another
+    update or rank, ends with a different checksum than an uninterrupted run (tests compare them).
+    Costs one dot product per batch and no device sync: ranks sum it only when a checkpoint is written."""
+
+    def __init__(self, images: int = 0, checksum: float = 0.0) -> None:
+        self.images, self.checksum = images, checksum  # all ranks, up to the latest checkpoint
+        self._pending: torch.Tensor | None = None  # this rank since then: [images, checksum] on the device
+        self._probe: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, slot: int) -> None:
+        flat = x.detach().flatten(1).to(torch.float64)  # (B, C*H*W)
+        if self._probe is None:
+            g = torch.Generator().manual_seed(20_240_917)  # the same probe on every rank, run and restart
+            self._probe = torch.randn(flat.shape[1], generator=g, dtype=torch.float64).to(x.device)
+            self._pending = torch.zeros(2, dtype=torch.float64, device=x.device)
+        self._pending += torch.stack([flat.new_tensor(float(flat.shape[0])), (flat @ self._probe).sum() * (1 + slot)])
+
+    def commit(self, world: int) -> None:
+        """Fold every rank's batches since the last commit into the totals; all ranks call it together."""
+        pending = self._pending if self._pending is not None else torch.zeros(2, dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(pending)
+        self.images += round(pending[0].item())
+        self.checksum += pending[1].item()
+        pending.zero_()
+
+    def state_dict(self) -> dict:
+        return {"images": self.images, "checksum": self.checksum}
+
+
+def restore(state: TrainState) -> DataLedger | None:
+    """Load the latest checkpoint of this run (after a worker restart or a rerun of the same command);
+    returns its data ledger, or None when the run starts fresh."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return False
+        return None
     with ckpt.as_directory() as d:
-        state.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True))
-    return True
+        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state.load_state_dict(saved)
+    return DataLedger(**saved.get(LEDGER_KEY, {}))
 
 
 class ProxyEval:
@@ -52,22 +90,25 @@ class ProxyEval:
         self.job, self.device = job, device
         self.labels = torch.arange(job.run.eval_proxy_samples) % job.data.num_classes
 
-    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, module: torch.nn.Module) -> tuple[dict[str, float], torch.Tensor]:
+        """(eval.proxy_* metrics, the samples (N, C, H, W))."""
         d, r = self.job.data, self.job.run
         x, secs = generate_samples(module, "student", self.job.distill.steps, self.labels,
                                    (d.channels, d.resolution, d.resolution), batch=r.eval_batch,
                                    seed=r.seed + 29, device=self.device)
         m = metrics_against(self.classifier, self.ref, x, self.labels)
-        return {f"eval.proxy_{k}": v for k, v in m.items() if k != "real_accuracy"} | {"eval.proxy_s": secs}
+        return {f"eval.proxy_{k}": v for k, v in m.items() if k != "real_accuracy"} | {"eval.proxy_s": secs}, x
 
 
-def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int) -> None:
+def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int, ledger: DataLedger, grid=None) -> None:
     if not checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:  # one writer; the other ranks report metrics only
-            save_state_dict(state.state_dict(), os.path.join(d, STATE_FILE))
+            save_state_dict(state.state_dict() | {LEDGER_KEY: ledger.state_dict()}, os.path.join(d, STATE_FILE))
+            if grid is not None:
+                save_image_grid(grid, os.path.join(d, SAMPLES_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
@@ -79,9 +120,15 @@ def train_loop_per_worker(config: dict) -> dict:
     if job.resources.torch_threads:
         torch.set_num_threads(job.resources.torch_threads)
     device = ray.train.torch.get_device()
+    # Initial weights from the run's seed, not torch's per-process random one: two runs of a job start alike, so an
+    # interrupted run can be checked against an uninterrupted one. (DDP gives every rank rank 0's weights.)
+    torch.manual_seed(_seed(job.run.seed, rank))
     state = build_state(job, config["role"], device, wrap=ray.train.torch.prepare_model)
-    resumed = restore(state)
+    ledger = restore(state)
+    resumed = ledger is not None
+    ledger = ledger or DataLedger()
     c = state.counters
+    start_images = c.images_seen
     per_worker = job.data.batch_size // world
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -108,6 +155,7 @@ def train_loop_per_worker(config: dict) -> dict:
             progressed = True
             t1 = time.perf_counter()
             wait += t1 - t0
+            ledger.add(x, slot=c.updates * world + rank)
             g = torch.Generator(device=device).manual_seed(_seed(job.run.seed, rank, c.updates))
             state.set_learning_rates()
             with autocast:
@@ -127,9 +175,12 @@ def train_loop_per_worker(config: dict) -> dict:
             t0 = time.perf_counter()
             busy += t0 - t1
             done = c.updates >= state.total_updates
-            ckpt_due = c.images_seen // job.run.checkpoint_every_images > last_ckpt or done
             # Every rank takes the same decisions (from the counters): Train needs all ranks to report.
             eval_due = bool(every_eval) and (c.images_seen // every_eval > last_eval or done)
+            # With evaluation on, every checkpoint carries the metric (Train keeps the best ones by it) and
+            # every evaluation writes a checkpoint (its sample grid travels inside).
+            ckpt_due = c.images_seen // job.run.checkpoint_every_images > last_ckpt or done or eval_due
+            eval_due = eval_due or (bool(every_eval) and ckpt_due)
             if c.images_seen // job.run.report_every_images > last_report or ckpt_due or eval_due:
                 now = time.perf_counter()
                 out = {k: sums[k] / counts[k] for k in sums}
@@ -141,11 +192,16 @@ def train_loop_per_worker(config: dict) -> dict:
                     data_wait_share=wait / max(wait + busy, 1e-9),
                     lr=next(iter(state.optimizers.values()))[0].param_groups[0]["lr"],
                 )
+                grid = None
                 if eval_due:
                     last_eval = c.images_seen // every_eval
                     if proxy is not None:
-                        out.update(proxy(state.ema.module))
-                _report(state, out, checkpoint=ckpt_due, rank=rank)
+                        scores, samples = proxy(state.ema.module)
+                        out.update(scores)
+                        grid = samples[: job.tracking.sample_grid]
+                if ckpt_due:
+                    ledger.commit(world)
+                _report(state, out, checkpoint=ckpt_due, rank=rank, ledger=ledger, grid=grid)
                 last_report = c.images_seen // job.run.report_every_images
                 last_ckpt = c.images_seen // job.run.checkpoint_every_images if ckpt_due else last_ckpt
                 sums.clear()
@@ -162,4 +218,16 @@ def train_loop_per_worker(config: dict) -> dict:
                 )
             c.epoch += 1
             c.batch_in_epoch = 0
-    return {"images_seen": c.images_seen, "updates": c.updates, "epoch": c.epoch, "resumed": resumed}
+    return {"images_seen": c.images_seen, "updates": c.updates, "epoch": c.epoch, "resumed": resumed,
+            "resumed_at_images": start_images, "data_images": ledger.images, "data_checksum": ledger.checksum,
+            "node_ids": _node_ids(world)}
+
+
+def _node_ids(world: int) -> list[str]:
+    # The Ray node of every rank, in rank order: evidence of where the worker group was placed.
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, mine)
+    return nodes
