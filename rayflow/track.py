@@ -402,7 +402,8 @@ class MLflowReportCallback(UserCallback):
         if filesystem.get_file_info(src).type.name != "File":
             return  # no evaluation at this checkpoint, or Train already deleted it
         with tempfile.TemporaryDirectory(prefix="rayflow-grid-") as tmp:
-            local = os.path.join(tmp, f"{self.prefix}step_{int(step):010d}.png")
+            name = f"{self.prefix}step_{int(step):010d}.png".replace("/", "_")  # a file name, not a path
+            local = os.path.join(tmp, name)
             with filesystem.open_input_stream(src) as f, open(local, "wb") as out:
                 out.write(f.read())
             self._mlflow().log_artifact(self.run_id, local, "images/progress")

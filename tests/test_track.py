@@ -161,7 +161,11 @@ def test_report_callback_pickles_and_logs_rank0(store, experiment, tmp_path):
     rank1 = {"loss": 99.0, "images_seen": 128.0}
     cb.after_report(run_context=None, metrics=[{"loss": 0.5, "images_seen": 128.0, "phase": "aux"}, rank1],
                     checkpoint=None)
-    ckpt = SimpleNamespace(path=str(tmp_path / "checkpoint_000001"))
+    from ray.train import Checkpoint
+
+    ckpt_dir = tmp_path / "checkpoint_000001"
+    track.save_image_grid(np.zeros((4, 1, 8, 8)), str(ckpt_dir / "samples.png"))  # an evaluation's grid
+    ckpt = Checkpoint.from_directory(str(ckpt_dir))
     cb.after_report(run_context=None, metrics=[{"loss": 0.25, "images_seen": 256}, rank1], checkpoint=ckpt)
     pickle.dumps(cb)  # still picklable with a live client (Ray may re-ship it)
 
@@ -169,6 +173,8 @@ def test_report_callback_pickles_and_logs_rank0(store, experiment, tmp_path):
     assert [(m.step, m.value) for m in c.get_metric_history(run_id, "distill/loss")] == [(128, 0.5), (256, 0.25)]
     assert "distill/phase" not in c.get_run(run_id).data.metrics
     assert c.get_run(run_id).data.tags[track.CHECKPOINT_TAG] == ckpt.path
+    logged = [a.path for a in c.list_artifacts(run_id, "images/progress")]
+    assert logged == ["images/progress/distill_step_0000000256.png"]
 
 
 def test_report_callback_survives_tracking_errors(store, caplog):
