@@ -87,18 +87,16 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep: dict, parent_run_id:
         run_key=trial_key(sweep["name"], trial_id),
         parent_run_id=parent_run_id,
     )
-    try:
-        out: dict = {}
-        export_dir = os.path.join(job.run.absolute_storage(), trial_id, "export")
-        student = train_and_export(job, "distill", export_student, export_dir, run_id, out,
-                                   callbacks=[TuneReportCallback()])
-        metrics = evaluate_and_log(job, run_id, None, student)
-        track.set_tags(uri, run_id, {STATUS_TAG: "completed"})
-        track.end_run(uri, run_id, "FINISHED")
-    except BaseException:
-        track.set_tags(uri, run_id, {STATUS_TAG: "failed"})
-        track.end_run(uri, run_id, "FAILED")
-        raise
+    # Only success is closed here. A failed trial is closed by the driver's TrialRunsCallback, which also
+    # closes trials the scheduler stops: closing from both sides raced (a stopped trial's function saw an
+    # exception while the driver marked it early-stopped, leaving "failed" on a FINISHED run).
+    out: dict = {}
+    export_dir = os.path.join(job.run.absolute_storage(), trial_id, "export")
+    student = train_and_export(job, "distill", export_student, export_dir, run_id, out,
+                               callbacks=[TuneReportCallback()])
+    metrics = evaluate_and_log(job, run_id, None, student)
+    track.set_tags(uri, run_id, {STATUS_TAG: "completed"})
+    track.end_run(uri, run_id, "FINISHED")
     # No images_seen here: the scheduler has judged the training curve; this is the final evaluation.
     tune.report({**track.numeric_metrics(metrics), "trial_done": 1.0})
 
