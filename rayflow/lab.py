@@ -35,9 +35,16 @@ class TeacherResult:
     param_names: list[str]
 
 
-def _batches(data: torch.Tensor, batch: int, generator: torch.Generator):
+def _batches(data: torch.Tensor, cond: torch.Tensor | None, batch: int, generator: torch.Generator, device=None):
+    """Endless random batches (x, cond) on device; cond rows follow their images (None: unconditional)."""
     while True:
-        yield data[torch.randint(0, data.shape[0], (batch,), generator=generator)]
+        i = torch.randint(0, data.shape[0], (batch,), generator=generator)
+        yield data[i].to(device), None if cond is None else cond[i].to(device)
+
+
+def _noise_generator(g: torch.Generator, seed: int, device) -> torch.Generator:
+    # The step draws its noise where the batch lives; on the CPU it shares the batch generator (as it always has).
+    return g if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
 
 def fit_teacher(
@@ -53,17 +60,29 @@ def fit_teacher(
     prediction: str = "v",
     weighting: str = "snr_plus_one",
     seed: int = 0,
+    denoiser: Denoiser | None = None,
+    cond: torch.Tensor | None = None,
+    cond_drop_prob: float = 0.0,
+    null_cond: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> TeacherResult:
-    """Train an MLP teacher on `data` (N, D) with the denoising loss; Adam(0.9, 0.99), cosine decay, EMA."""
+    """Train a teacher on `data` (N, ...) with the denoising loss; Adam(0.9, 0.99), cosine decay, EMA.
+
+    The network is an MLP (width, depth) unless `denoiser` is given (e.g. a conditional UNet); `cond` (N, ...)
+    conditions each example, dropped to `null_cond` with probability cond_drop_prob (classifier-free guidance).
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    den = Denoiser(build_net("mlp", dim=data.shape[1], width=width, depth=depth), schedule, prediction)
+    den = denoiser or Denoiser(build_net("mlp", dim=data.shape[1], width=width, depth=depth), schedule, prediction)
+    den = den.to(device)
     opt = make_adam(den.parameters(), lr, betas=(0.9, 0.99), eps=1e-8)
     ema = EMA(den, ema_decay)
-    step = TeacherStep(den, opt, schedule, weighting=weighting, ema=ema)
-    for i, x in zip(range(steps), _batches(data.float(), batch, g)):
+    step = TeacherStep(den, opt, schedule, weighting=weighting, cond_drop_prob=cond_drop_prob, null_cond=null_cond,
+                       ema=ema)
+    gd = _noise_generator(g, seed, device)
+    for i, (x, c) in zip(range(steps), _batches(data.float(), cond, batch, g, device)):
         set_lr(opt, cosine_lr(lr, i, steps, warmup=100))
-        step(i, x, None, g)
+        step(i, x, c, gd)
     names = [k for k, _ in den.named_parameters()]
     return TeacherResult(freeze(ema.module), opt.state_dict(), names)
 
@@ -85,14 +104,20 @@ def distill(
     precondition: bool = True,
     grad_clip: float = 1.0,
     seed: int = 0,
+    cond: torch.Tensor | None = None,
+    guided_teacher: nn.Module | None = None,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Distil a `student_steps`-step student from the teacher; returns the student's EMA, frozen.
 
     algorithm: 'alternating' (aux + student, 1:1, lr_aux = lr_ratio * lr_student) or 'parameter_space'.
-    `train_steps` counts optimizer updates of any network; the learning rates decay on a cosine.
+    `train_steps` counts optimizer updates of any network; the learning rates decay on a cosine. `cond` (N, ...)
+    conditions each example; `guided_teacher` (the teacher under classifier-free guidance) replaces the teacher in
+    the moment-matching targets, while student and aux start from the unguided teacher's weights.
     """
     torch.manual_seed(seed + 1)
     g = torch.Generator().manual_seed(seed + 1)
+    target = guided_teacher or teacher.denoiser
     student = clone_trainable(teacher.denoiser)
     opt_s = make_adam(student.parameters(), lr_student)
     ema = EMA(student, ema_decay)
@@ -101,17 +126,18 @@ def distill(
         aux = clone_trainable(teacher.denoiser)
         opt_a = make_adam(aux.parameters(), lr_student * lr_ratio)
         method = AlternatingMomentMatching(schedule, student_steps, **kw)
-        step = AlternatingStep(method, teacher.denoiser, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
+        step = AlternatingStep(method, target, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
         schedules = [(opt_s, lr_student), (opt_a, lr_student * lr_ratio)]
     elif algorithm == "parameter_space":
         precond = adam_preconditioner(teacher.optimizer_state, teacher.param_names) if precondition else None
         method = ParameterSpaceMomentMatching(schedule, student_steps, precond=precond, **kw)
-        step = ParameterSpaceStep(method, teacher.denoiser, student, opt_s, grad_clip=grad_clip, ema=ema)
+        step = ParameterSpaceStep(method, target, student, opt_s, grad_clip=grad_clip, ema=ema)
         schedules = [(opt_s, lr_student)]
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose 'alternating' or 'parameter_space'")
-    for i, x in zip(range(train_steps), _batches(data.float(), batch, g)):
+    gd = _noise_generator(g, seed + 1, device)
+    for i, (x, c) in zip(range(train_steps), _batches(data.float(), cond, batch, g, device)):
         for opt, base in schedules:
             set_lr(opt, cosine_lr(base, i, train_steps))
-        step(i, x, None, g)
+        step(i, x, c, gd)
     return freeze(ema.module)

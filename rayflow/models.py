@@ -23,7 +23,8 @@ def build_schedule(model: ModelConfig, data: DataConfig) -> Schedule:
 
 
 def build_denoiser(model: ModelConfig, data: DataConfig) -> Denoiser:
-    """A fresh (randomly initialised) class-conditional denoiser g(z_t, t, class) for the configured data."""
+    """A fresh (randomly initialised) denoiser g(z_t, t, cond) for the configured data: cond is the class label, or
+    with a text encoder the packed text condition (rayflow.data.text)."""
     net = build_net(
         model.net,
         in_channels=data.channels,
@@ -31,15 +32,17 @@ def build_denoiser(model: ModelConfig, data: DataConfig) -> Denoiser:
         channel_mult=model.channel_mult,
         num_res_blocks=model.num_res_blocks,
         attn_levels=model.attn_levels,
-        num_classes=data.num_classes,
+        num_classes=0 if data.text else data.num_classes,
         dropout=model.dropout,
+        **({"text_dim": data.text_dim} if data.text else {}),
     )
     return Denoiser(net, build_schedule(model, data), model.prediction)
 
 
-def guided(denoiser: torch.nn.Module, scale: float, num_classes: int) -> torch.nn.Module:
-    """Classifier-free guidance with the null class `num_classes`; scale 0 returns the denoiser itself."""
-    return GuidedDenoiser(denoiser, scale, null_cond=num_classes) if scale > 0 else denoiser
+def guided(denoiser: torch.nn.Module, scale: float, data: DataConfig) -> torch.nn.Module:
+    """Classifier-free guidance against the data's null condition (the null class, or the all-zero text
+    condition); scale 0 returns the denoiser itself."""
+    return GuidedDenoiser(denoiser, scale, null_cond=data.null_condition) if scale > 0 else denoiser
 
 
 def save_state_dict(state: dict, path: str | os.PathLike) -> str:

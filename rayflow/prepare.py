@@ -1,6 +1,12 @@
-"""Turn an ImageNet-layout folder into training shards at a fixed resolution, in parallel on Ray.
+"""Turn an ImageNet-layout folder into training shards at a fixed resolution, in parallel on Ray; or cache the text
+embeddings of a captioned set (webdataset/parquet caption shards, or the built-in shapes) into parquet shards.
 
     python -m rayflow.prepare --src DIR --out DIR --res 64 [--format parquet|webdataset] [--shard-size N]
+    python -m rayflow.prepare --src DIR|shapes --src-format webdataset|parquet|shapes --text-encoder minilm|hf \
+        [--text-encoder-path DIR] [--text-max-tokens 16] --out DIR --res 64
+
+Text shards hold `image`, `label` (-1 without a class), `text_emb` (L, D) float32 and `text_mask` (L,) int8: train
+on them with `data.source=parquet data.text_encoder=precomputed data.text_dim=D` and no encoder runs again.
 
 Decoding, centre-crop/resize (the same `center_crop_resize` the teacher's data must have used) and
 encoding run in Ray Data `map_batches` tasks; shards are written by Ray Data's parquet / webdataset
@@ -21,15 +27,26 @@ from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
+from ray.data.extensions import ArrowTensorArray
 
-from rayflow.data.sources import SkipLog, image_folder, list_class_files, list_files, resolve_filesystem
-from rayflow.data.transforms import CropMethod
+from rayflow.data.sources import (
+    SkipLog,
+    image_folder,
+    image_table,
+    list_class_files,
+    list_files,
+    make_source,
+    resolve_filesystem,
+)
+from rayflow.data.text import encode_text, encoder_dim, unpack_text
+from rayflow.data.transforms import CropMethod, stack_images
 
 ShardFormat = Literal["parquet", "webdataset"]
 MANIFEST = "manifest.json"
@@ -142,6 +159,67 @@ def prepare(
     return manifest
 
 
+def _unpack_cond(batch: dict[str, np.ndarray]) -> pa.Table:
+    emb, mask = unpack_text(stack_images(batch["cond"]))  # (N, L, D), (N, L)
+    table = image_table(stack_images(batch["image"]), batch["label"])
+    table = table.append_column("text_emb", ArrowTensorArray.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)))
+    return table.append_column("text_mask", ArrowTensorArray.from_numpy(mask.astype(np.int8)))
+
+
+def prepare_text(
+    src: str,
+    src_format: str,
+    out: str,
+    res: int,
+    *,
+    encoder: str = "minilm",
+    encoder_path: str | None = None,
+    max_tokens: int = 16,
+    shard_size: int = 10_000,
+    channels: int = 3,
+    num_images: int = 20_000,
+    caption_key: str = "txt",
+    caption_column: str = "caption",
+    workers: int = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Encode the captions of src once and write image + label + text_emb + text_mask parquet shards into out.
+
+    src_format: webdataset (caption_key entries) | parquet (caption_column) | shapes (the built-in set, num_images
+    of it, src ignored). Returns the manifest (also written to out/manifest.json)."""
+    if src_format not in ("webdataset", "parquet", "shapes"):
+        raise ValueError(f"src_format={src_format!r} has no captions; FIX THIS by using webdataset, parquet or shapes")
+    out_fs, out_base = resolve_filesystem(out)
+    if out_fs.get_file_info(pafs.FileSelector(out_base, allow_not_found=True)):
+        raise ValueError(f"output folder {out!r} is not empty; FIX THIS by choosing a new folder or emptying it")
+    skip_log = SkipLog()
+    if src_format == "shapes":
+        ds = make_source("shapes", res=res, n=num_images)
+    else:
+        text = {"caption_key": caption_key} if src_format == "webdataset" else {"caption_column": caption_column}
+        ds = make_source(src_format, path=src, res=res, channels=channels, skip_log=skip_log, **text)
+    dim = encoder_dim(encoder, encoder_path)
+    ds = encode_text(ds, encoder=encoder, path=encoder_path, max_tokens=max_tokens, dim=dim, workers=workers,
+                     device=device, cpus_per_worker=0.5)
+    ds = ds.map_batches(_unpack_cond, batch_format="numpy")
+    ds.write_parquet(out_base, filesystem=out_fs, min_rows_per_file=shard_size, max_rows_per_file=shard_size,
+                     filename_provider=_ShardNames(file_format="parquet"), mode=SaveMode.OVERWRITE)
+    shards = list_files(out_fs, out_base, ["parquet"])
+    skipped = skip_log.skipped()
+    manifest = {
+        "format": "parquet+text_emb", "res": res, "channels": channels, "src": src, "src_format": src_format,
+        "text_encoder": encoder, "text_encoder_path": encoder_path, "text_dim": dim, "text_max_tokens": max_tokens,
+        "num_images": sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in shards),
+        "num_skipped": len(skipped), "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "shard_size": shard_size, "shards": [f[len(out_base) :].lstrip("/") for f in shards],
+        "train_with": f"data.source=parquet data.path={out} data.text_encoder=precomputed data.text_dim={dim} "
+                      f"data.text_max_tokens={max_tokens} data.resolution={res} data.channels={channels}",
+    }
+    with out_fs.open_output_stream(f"{out_base}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints a one-line JSON summary."""
     parser = argparse.ArgumentParser(prog="python -m rayflow.prepare", description=__doc__.splitlines()[0])
@@ -152,18 +230,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (about)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=3)
     parser.add_argument("--crop", choices=["adm", "crop_resize"], default="adm")
+    text = parser.add_argument_group("text embeddings (cache a captioned set's encodings into parquet shards)")
+    text.add_argument("--src-format", choices=["folder", "webdataset", "parquet", "shapes"], default="folder")
+    text.add_argument("--text-encoder", choices=["minilm", "hf"], help="encode captions with this encoder")
+    text.add_argument("--text-encoder-path", help="hf: the local Hugging Face encoder folder")
+    text.add_argument("--text-max-tokens", type=int, default=16)
+    text.add_argument("--num-images", type=int, default=20_000, help="shapes: how many images to render")
     args = parser.parse_args(argv)
+    if (args.src_format == "folder") != (args.text_encoder is None):
+        parser.error("--text-encoder goes with --src-format webdataset|parquet|shapes (captioned data), and only then")
     started = not ray.is_initialized()
     if started:
         ray.init()  # joins RAY_ADDRESS's cluster if set, else starts a local one
     try:
-        manifest = prepare(
-            args.src, args.out, args.res, args.fmt, args.shard_size, channels=args.channels, crop=args.crop
-        )
+        if args.text_encoder:
+            manifest = prepare_text(args.src, args.src_format, args.out, args.res, encoder=args.text_encoder,
+                                    encoder_path=args.text_encoder_path, max_tokens=args.text_max_tokens,
+                                    shard_size=args.shard_size, channels=args.channels, num_images=args.num_images)
+        else:
+            manifest = prepare(
+                args.src, args.out, args.res, args.fmt, args.shard_size, channels=args.channels, crop=args.crop
+            )
     finally:
         if started:  # leave a caller's cluster (tests, notebooks) running
             ray.shutdown()
-    summary = {k: manifest[k] for k in ("format", "res", "num_images", "num_classes", "num_skipped")}
+    summary = {k: manifest[k] for k in ("format", "res", "num_images", "num_skipped") if k in manifest}
     print(json.dumps(dict(summary, out=args.out, shards=len(manifest["shards"]))))
     return 0
 

@@ -1,4 +1,5 @@
-"""`python -m rayflow.sample eval.out=samples.npz|dir/ [eval.checkpoint=PATH] [eval.model=...] [eval.labels=[3,7]]`:
+"""`python -m rayflow.sample eval.out=samples.npz|dir/ [eval.checkpoint=PATH] [eval.model=...] [eval.labels=[3,7]]
+[eval.captions='["a red circle above a blue square"]']` (text data):
 draw samples from any checkpoint (a teacher at N steps, a student at k steps).
 
 Same config as `python -m rayflow.train` (the model and data keys must describe the checkpoint's network).
@@ -34,12 +35,12 @@ def main(cfg: DictConfig) -> None:
 
     from rayflow import track  # Ray and torch load only for a valid config
     from rayflow.files import sha256_file
-    from rayflow.orchestrate.generate import draw_samples, eval_labels
+    from rayflow.orchestrate.generate import draw_samples, sample_conditions
     from rayflow.orchestrate.jobs import ensure_ray
 
     ensure_ray()
-    labels = eval_labels(job, target.samples)
-    x, secs = draw_samples(job, target.checkpoint, target.model, target.sampler, target.steps, labels,
+    cond, labels, captions = sample_conditions(job, target.samples)
+    x, secs = draw_samples(job, target.checkpoint, target.model, target.sampler, target.steps, cond,
                            seed=target.seed)
     meta = {"checkpoint": target.checkpoint, "checkpoint_sha256": sha256_file(target.checkpoint)
             if os.path.isfile(target.checkpoint) else None, "model": target.model, "sampler": target.sampler,
@@ -49,14 +50,17 @@ def main(cfg: DictConfig) -> None:
     pixels = to_uint8(x)  # (N, H, W, C)
     if out.endswith(".npz"):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        np.savez(out, images=x.numpy(), images_uint8=pixels, labels=labels.numpy(), meta=np.str_(json.dumps(meta)))
+        conds = {"labels": np.array(labels)} if labels is not None else {}
+        conds |= {"captions": np.array(captions)} if captions is not None else {}
+        np.savez(out, images=x.numpy(), images_uint8=pixels, **conds, meta=np.str_(json.dumps(meta)))
     else:
         os.makedirs(out, exist_ok=True)
-        for i, (img, y) in enumerate(zip(pixels, labels.tolist())):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(out, f"{i:06d}_class{y}.png"))
+        for i, img in enumerate(pixels):
+            name = f"{i:06d}.png" if labels is None else f"{i:06d}_class{labels[i]}.png"
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(out, name))
         track.save_image_grid(x[: job.tracking.sample_grid], os.path.join(out, "grid.png"))
         with open(os.path.join(out, "meta.json"), "w") as f:
-            json.dump({**meta, "labels": labels.tolist()}, f, indent=2)
+            json.dump({**meta, "labels": labels, "captions": captions}, f, indent=2)
     print(json.dumps({**meta, "out": out, "seconds": secs}, indent=2))
 
 

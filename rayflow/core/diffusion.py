@@ -191,8 +191,9 @@ def denoising_loss(
 ) -> torch.Tensor:
     """The teacher's loss, per example (B,): w(lambda_t) ||x - g(z_t, t, c)||^2 / dim, t ~ U(0, 1).
 
-    With probability `cond_drop_prob` the condition is replaced by `null_cond`, so the same network learns
-    the unconditional denoiser that classifier-free guidance needs.
+    With probability `cond_drop_prob` the condition is replaced by `null_cond` (the null class index, or 0 for a
+    tensor condition whose null is all zeros), so the same network learns the unconditional denoiser that
+    classifier-free guidance needs.
     """
     b = x.shape[0]
     t = torch.rand(b, generator=generator, device=x.device)
@@ -200,7 +201,9 @@ def denoising_loss(
     if cond is not None and cond_drop_prob > 0.0:
         if null_cond is None:
             raise ValueError("cond_drop_prob > 0 needs null_cond (the index of the null class)")
-        drop = torch.rand(b, generator=generator, device=x.device) < cond_drop_prob
+        drop = torch.rand(b, generator=generator, device=x.device) < cond_drop_prob  # (B,)
+        # A class label (B,) or a per-example tensor condition (B, ...) such as packed text (null: all zeros).
+        drop = drop.view(b, *([1] * (cond.dim() - 1)))
         cond = torch.where(drop, torch.full_like(cond, null_cond), cond)
     z_t = diffuse(x, t, eps, schedule)
     x_hat = denoiser(z_t, t, cond)

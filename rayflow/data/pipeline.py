@@ -16,6 +16,7 @@ import pyarrow as pa
 import ray
 from ray.data import DataContext, RandomSeedConfig
 from ray.data.dataset import MaterializedDataset
+from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.sources import image_table
 from rayflow.data.transforms import horizontal_flip, stack_images, to_model_input
@@ -23,6 +24,9 @@ from rayflow.data.transforms import horizontal_flip, stack_images, to_model_inpu
 if TYPE_CHECKING:
     import torch
 
+
+# The column a text pipeline's encoder stage adds (rayflow.data.text): workers condition on it instead of `label`.
+COND_COLUMN = "cond"
 
 # Ray Data counts the finished executions (epochs) of a dataset in its DataContext and hands that
 # context to every task; RandomSeedConfig/FileShuffleConfig(reseed_after_execution=True) read the same
@@ -51,7 +55,11 @@ def _flip_and_scale(batch: dict[str, np.ndarray], *, seed: int, flip: bool) -> p
     labels = np.asarray(batch["label"], dtype=np.int64)
     if flip and len(labels):
         images = horizontal_flip(images, row_uniforms(images, seed, _execution_index()) < 0.5)
-    return image_table(to_model_input(images), labels)  # image: (N, C, H, W) float32
+    table = image_table(to_model_input(images), labels)  # image: (N, C, H, W) float32
+    if COND_COLUMN in batch:  # text: the packed condition (N, L, D + 1) from the encoder stage rides along
+        cond = stack_images(batch[COND_COLUMN]).astype(np.float32, copy=False)  # (N, L, D + 1)
+        table = table.append_column(COND_COLUMN, ArrowTensorArray.from_numpy(cond))
+    return table
 
 
 def build_train_dataset(
@@ -113,7 +121,8 @@ def iter_torch_batches(
     drop_last: bool = True,
     pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x float32 (B, C, H, W) in [-1, 1], label int64 (B,)) on device from one worker's shard.
+    """Yield (x float32 (B, C, H, W) in [-1, 1], cond) on device from one worker's shard: cond is the int64 class
+    label (B,), or for text data the packed text condition float32 (B, L, D + 1) of the `cond` column.
 
     Call once per epoch on `ray.train.get_dataset_shard("train")`. prefetch_batches keeps that many
     batches in flight while the step runs. A local shuffle buffer mixes rows across blocks; derive
@@ -126,7 +135,7 @@ def iter_torch_batches(
 
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.int64},
+        dtypes={"image": torch.float32, "label": torch.int64, COND_COLUMN: torch.float32},
         device=device,
         prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
@@ -136,7 +145,7 @@ def iter_torch_batches(
     )
     checked = False
     for batch in batches:
-        x, label = batch["image"], batch["label"]
+        x, label = batch["image"], batch.get(COND_COLUMN, batch["label"])
         if not checked:
             if x.ndim != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(

@@ -1,5 +1,8 @@
 """Dataset sources: each returns a `ray.data.Dataset` (lazy, except the tiny built-ins) with two columns,
-`image` (uint8 (res, res, C) tensors) and `label` (int64 class index).
+`image` (uint8 (res, res, C) tensors) and `label` (int64 class index). Text-image shards (LAION, CC3M,
+COCO captions) add a `caption` (string) column, with label -1 for samples that carry no class; parquet
+shards may also pass precomputed columns (text embeddings and masks written by a prepare step) through
+unchanged, aligned with the rows that survive decoding.
 
 Decoding runs inside Ray Data `map_batches` tasks, so nothing but file listings and parquet footers
 touches the driver (the built-in digit sets are the exception: a few MB shipped inside pip wheels).
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +34,7 @@ import ray
 from ray.data import FileShuffleConfig
 from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTypeV2
 
+from rayflow.data.shapes import shapes
 from rayflow.data.transforms import CropMethod, center_crop_resize, decode_image
 
 logger = logging.getLogger(__name__)
@@ -39,8 +45,16 @@ WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Rows per decode batch: enough to amortise per-batch overhead, few enough to keep blocks streaming.
 DECODE_BATCH_SIZE = 64
 
-# (name for messages, encoded bytes or None, label or None, problem found before decoding or None)
-_Row = tuple[str, Any, int | None, str | None]
+
+class _Row(NamedTuple):
+    """One sample on its way to `_decode_rows`; a plain 4-tuple (name, data, label, problem) also works."""
+
+    name: str  # for messages and the SkipLog (one entry per distinct name)
+    data: Any  # encoded image bytes, or None where problem says why not
+    label: int | None  # class index, -1 for a caption-only sample
+    problem: str | None  # found before decoding (missing entry, null value); the row is then bad
+    caption: str | None = None  # text-image samples
+    extras: tuple[Any, ...] = ()  # pass-through values, one per `extra_columns` of `_decode_rows`
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,23 +119,59 @@ def _check_options(res: int, channels: int, on_error: str) -> None:
         raise ValueError(f"on_error={on_error!r} is unknown; FIX THIS by using 'skip' or 'raise'")
 
 
-def image_table(images: np.ndarray, labels: np.ndarray | Sequence[int]) -> pa.Table:
-    """An `image` (Ray tensor column) + `label` (int64) Arrow table, the block format of every source.
+def image_table(
+    images: np.ndarray, labels: np.ndarray | Sequence[int], captions: Sequence[str] | None = None
+) -> pa.Table:
+    """An `image` (Ray tensor column) + `label` (int64) Arrow table, the block format of every source;
+    text-image sources add a `caption` (string) column and write label -1 where a sample has no class.
 
     Map functions return this instead of a numpy dict because Ray cannot turn a zero-row numpy
     tensor batch (every file of a batch skipped) into a tensor column: it falls back to pickled
     objects, which breaks the dataset's schema.
     """
-    return pa.table(
-        {
-            "image": ArrowTensorArray.from_numpy(images),
-            "label": pa.array(np.asarray(labels, dtype=np.int64), type=pa.int64()),
-        }
-    )
+    columns = {
+        "image": ArrowTensorArray.from_numpy(images),
+        "label": pa.array(np.asarray(labels, dtype=np.int64), type=pa.int64()),
+    }
+    if captions is not None:
+        columns["caption"] = pa.array(list(captions), type=pa.string())
+    return pa.table(columns)
+
+
+def _row_array(value: Any, column: str) -> np.ndarray:
+    """One row of a pass-through column as an ndarray: numpy batches hold nested lists as object arrays
+    of per-level arrays, which are stacked back into one array."""
+    if value is None:
+        raise ValueError(f"column {column!r} has a missing (null) value")
+    a = np.asarray(value)
+    if a.dtype == object and a.ndim == 1 and len(a):
+        try:
+            a = np.stack([_row_array(x, column) for x in a])
+        except ValueError:
+            raise ValueError(
+                f"column {column!r} holds a row of ragged nested lists; FIX THIS by writing one fixed shape "
+                "per row (e.g. pad text embeddings to the tokenizer's max length and add a mask column)"
+            ) from None
+    return a
+
+
+def _tensor_column(values: list[Any], template: Any, column: str) -> pa.Array:
+    """A Ray tensor column of per-row values: fixed-shape when every row has the same shape, else
+    variable-shaped. template (any input row, or None) gives an empty column its shape and dtype."""
+    arrays = [_row_array(v, column) for v in values]
+    if not arrays:
+        t = np.empty((0,), np.float32) if template is None else _row_array(template, column)
+        return ArrowTensorArray.from_numpy(np.empty((0, *t.shape), t.dtype))
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return ArrowTensorArray.from_numpy(np.stack(arrays))
+    ragged = np.empty(len(arrays), dtype=object)  # an object array: a list would be tried with np.stack
+    for i, a in enumerate(arrays):
+        ragged[i] = a
+    return ArrowTensorArray.from_numpy(ragged)
 
 
 def _decode_rows(
-    rows: Iterable[_Row],
+    rows: Iterable[_Row | tuple],
     *,
     res: int,
     channels: int,
@@ -129,17 +179,29 @@ def _decode_rows(
     on_error: OnError,
     skip_log: SkipLog | None,
     with_paths: bool = False,
+    with_captions: bool = False,
+    extra_columns: Sequence[str] = (),
 ) -> pa.Table:
-    """Decode, crop and resize encoded rows into an image/label table (+ `path` if with_paths)."""
+    """Decode, crop and resize encoded rows into an image/label table, + `caption` if with_captions,
+    + one Ray tensor column per extra_columns name (the rows' `extras`, kept only for rows that decode),
+    + `path` if with_paths."""
     images: list[np.ndarray] = []
     labels: list[int] = []
+    captions: list[str] = []
+    extras: list[tuple[Any, ...]] = []
     names: list[str] = []
     bad: list[tuple[str, str]] = []
-    for name, data, label, problem in rows:
+    template: tuple[Any, ...] | None = None  # any row's extras: the shapes of an all-skipped batch
+    for row in rows:
+        name, data, label, problem, caption, row_extras = _Row(*row)
+        if template is None and extra_columns:
+            template = row_extras
         if problem is None:
             try:
                 images.append(center_crop_resize(decode_image(data, channels), res, method=crop))
                 labels.append(int(label))
+                captions.append(caption)
+                extras.append(row_extras)
                 names.append(name)
                 continue
             except ValueError as e:
@@ -157,7 +219,10 @@ def _decode_rows(
         if skip_log is not None:
             skip_log.record(bad)
     stacked = np.stack(images) if images else np.empty((0, res, res, channels), dtype=np.uint8)
-    table = image_table(stacked, labels)
+    table = image_table(stacked, labels, captions if with_captions else None)
+    for j, column in enumerate(extra_columns):
+        values = [e[j] for e in extras]
+        table = table.append_column(column, _tensor_column(values, None if template is None else template[j], column))
     return table.append_column("path", pa.array(names, type=pa.string())) if with_paths else table
 
 
@@ -357,9 +422,17 @@ def image_folder(
 
 
 def _leaf_type(t: pa.DataType) -> pa.DataType:
-    while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        t = t.value_type
-    return t
+    """The element type under (nested) lists and tensor extension types (Ray's fixed and variable-shaped
+    tensors, Arrow's fixed_shape_tensor)."""
+    while True:
+        if isinstance(t, pa.BaseExtensionType):
+            t = t.storage_type
+            if pa.types.is_struct(t) and t.get_field_index("data") >= 0:  # Ray variable-shaped tensors
+                t = t.field("data").type
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        else:
+            return t
 
 
 def _image_column_kind(schema: pa.Schema, file: str, column: str, res: int, channels: int) -> str:
@@ -393,15 +466,40 @@ def _image_column_kind(schema: pa.Schema, file: str, column: str, res: int, chan
     raise ValueError(f"{file}: column {column!r} has type {t}; {fix}")
 
 
-def _check_label_column(schema: pa.Schema, file: str, column: str) -> None:
+def _column_type(schema: pa.Schema, file: str, column: str, fix: str) -> pa.DataType:
+    """The type of a column a shard must have, or a one-line error naming file, column and `fix`."""
     if column not in schema.names:
-        raise ValueError(
-            f"{file}: no column {column!r} (columns: {schema.names}); FIX THIS by writing int64 class "
-            f"indices in a {column!r} column or passing label_column="
-        )
-    t = schema.field(column).type
+        raise ValueError(f"{file}: no column {column!r} (columns: {schema.names}); FIX THIS by {fix}")
+    return schema.field(column).type
+
+
+def _check_label_column(schema: pa.Schema, file: str, column: str) -> None:
+    t = _column_type(schema, file, column, f"writing int64 class indices in a {column!r} column or passing "
+                     "label_column=")
     if not pa.types.is_integer(t):
         raise ValueError(f"{file}: column {column!r} has type {t}; FIX THIS by writing integer class indices")
+
+
+def _check_caption_column(schema: pa.Schema, file: str, column: str) -> None:
+    t = _column_type(schema, file, column, f"writing the captions as a string column {column!r} or passing "
+                     "caption_column= the column that holds them")
+    value_type = t.value_type if pa.types.is_dictionary(t) else t
+    if not (
+        pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_string_view(value_type)
+    ):
+        raise ValueError(f"{file}: column {column!r} has type {t}; FIX THIS by writing the captions as utf-8 strings")
+
+
+def _check_embedding_columns(schema: pa.Schema, file: str, columns: Sequence[str]) -> None:
+    for column in columns:
+        t = _column_type(schema, file, column, "writing it with the step that precomputes text embeddings "
+                         "(python -m rayflow.prepare --text-encoder), or leaving it out of embedding_columns")
+        leaf = _leaf_type(t)
+        if not (pa.types.is_floating(leaf) or pa.types.is_integer(leaf) or pa.types.is_boolean(leaf)):
+            raise ValueError(
+                f"{file}: column {column!r} has type {t}, not numeric arrays; FIX THIS by writing float "
+                "embeddings (and integer or boolean masks) per row"
+            )
 
 
 def _column_stats(metadata: pq.FileMetaData, column: str) -> tuple[int | None, Any]:
@@ -426,9 +524,18 @@ def _column_stats(metadata: pq.FileMetaData, column: str) -> tuple[int | None, A
 
 
 def _check_parquet_file(
-    fs: pafs.FileSystem, file: str, image_column: str, label_column: str, res: int, channels: int
-) -> str:
-    """Check one shard's footer (schema and column statistics); returns its image column kind."""
+    fs: pafs.FileSystem,
+    file: str,
+    image_column: str,
+    label_column: str | None,
+    res: int,
+    channels: int,
+    *,
+    caption_column: str | None = None,
+    embedding_columns: Sequence[str] = (),
+) -> tuple[str, bool]:
+    """Check one shard's footer (schema and column statistics); returns (its image column kind, whether it
+    has the label column). With a caption column the label column is optional."""
     try:
         with fs.open_input_file(file) as f:
             parquet = pq.ParquetFile(f)
@@ -439,27 +546,34 @@ def _check_parquet_file(
             "deleting it (a write that was cut off leaves such files)"
         ) from None
     kind = _image_column_kind(schema, file, image_column, res, channels)
-    _check_label_column(schema, file, label_column)
-    nulls, lo = _column_stats(metadata, label_column)
-    if nulls:
-        raise ValueError(
-            f"{file}: column {label_column!r} has {nulls} missing (null) labels; FIX THIS by filling or dropping "
-            "those rows"
-        )
-    if lo is not None and lo < 0:
-        raise ValueError(
-            f"{file}: column {label_column!r} holds negative labels (min {lo}); FIX THIS by writing class indices "
-            "0..num_classes-1"
-        )
-    if kind == "array":
-        nulls, _ = _column_stats(metadata, image_column)
+    has_label = label_column is not None and (caption_column is None or label_column in schema.names)
+    if has_label:
+        _check_label_column(schema, file, label_column)
+        nulls, lo = _column_stats(metadata, label_column)
         if nulls:
             raise ValueError(
-                f"{file}: column {image_column!r} has {nulls} missing (null) pixel values; FIX THIS by dropping "
-                "those rows or rewriting the shard with rayflow.prepare"
+                f"{file}: column {label_column!r} has {nulls} missing (null) labels; FIX THIS by filling or "
+                "dropping those rows"
             )
-    # Encoded-bytes columns may hold nulls: those rows are bad files, skipped or raised per on_error.
-    return kind
+        if lo is not None and lo < 0:
+            raise ValueError(
+                f"{file}: column {label_column!r} holds negative labels (min {lo}); FIX THIS by writing class "
+                "indices 0..num_classes-1"
+            )
+    if caption_column is not None:
+        _check_caption_column(schema, file, caption_column)
+    _check_embedding_columns(schema, file, embedding_columns)
+    if kind == "array":
+        for column, what in [(image_column, "pixel values"), (caption_column, "captions")]:
+            nulls, _ = _column_stats(metadata, column) if column is not None else (0, None)
+            if nulls:
+                raise ValueError(
+                    f"{file}: column {column!r} has {nulls} missing (null) {what}; FIX THIS by dropping those rows "
+                    "or rewriting the shard with rayflow.prepare"
+                )
+    # Encoded-bytes rows may hold null images or captions: those rows are bad files, skipped or raised per
+    # on_error.
+    return kind, has_label
 
 
 def _checked_labels(labels: np.ndarray, column: str, where: str) -> np.ndarray:
@@ -503,18 +617,44 @@ def _parquet_array_batch(
     batch: pa.Table,
     *,
     image_column: str,
-    label_column: str,
+    label_column: str | None,
     res: int,
     channels: int,
     crop: CropMethod,
+    caption_column: str | None = None,
+    embedding_columns: Sequence[str] = (),
 ) -> pa.Table:
     # pyarrow batches: numpy batches would turn a list column into an object array of per-row
     # arrays, and stacking those row by row costs more than the rest of the pipeline.
-    where = "a parquet shard"  # array batches carry no paths; the footer check names files up front
-    # A null makes to_numpy() return floats, which _checked_labels reports as missing labels.
-    labels = _checked_labels(batch.column(label_column).to_numpy(), label_column, where)
-    if len(labels) == 0:
-        return image_table(np.empty((0, res, res, channels), dtype=np.uint8), [])
+    # Array batches carry paths only with embedding columns (their values are checked later, per row, and the
+    # error must name the shard); otherwise the footer check has named files up front.
+    paths = batch.column("path").unique().to_pylist() if "path" in batch.column_names else []
+    where = ", ".join(sorted(paths)) or "a parquet shard"
+    if label_column is None:  # caption shards without classes
+        labels = np.full(batch.num_rows, -1, dtype=np.int64)
+    else:
+        # A null makes to_numpy() return floats, which _checked_labels reports as missing labels.
+        labels = _checked_labels(batch.column(label_column).to_numpy(), label_column, where)
+    for column in [c for c in (caption_column, *embedding_columns) if c is not None]:
+        if batch.column(column).null_count:
+            raise ValueError(
+                f"{where}: column {column!r} has {batch.column(column).null_count} missing (null) values; FIX THIS "
+                "by dropping those rows or rewriting the shards"
+            )
+    captions = None if caption_column is None else batch.column(caption_column).to_pylist()
+    table = image_table(_array_images(batch, image_column, res, channels, crop), labels, captions)
+    for column in embedding_columns:  # passed through as they are
+        table = table.append_column(column, batch.column(column))
+    if embedding_columns and "path" in batch.column_names:
+        table = table.append_column("path", batch.column("path"))
+    return table
+
+
+def _array_images(batch: pa.Table, image_column: str, res: int, channels: int, crop: CropMethod) -> np.ndarray:
+    """(N, res, res, channels) uint8 pixels of a pixel-array column."""
+    where = "a parquet shard"
+    if batch.num_rows == 0:
+        return np.empty((0, res, res, channels), dtype=np.uint8)
     image_col = batch.column(image_column)
     if image_col.null_count:
         raise ValueError(
@@ -536,23 +676,78 @@ def _parquet_array_batch(
         images = images.astype(np.uint8)
     if images.shape[1:3] != (res, res):
         images = np.stack([center_crop_resize(im, res, method=crop) for im in images])
-    return image_table(images, labels)
+    return images
 
 
 def _parquet_bytes_batch(
-    batch: dict[str, np.ndarray], *, image_column: str, label_column: str, **decode_kwargs: Any
+    batch: dict[str, np.ndarray],
+    *,
+    image_column: str,
+    label_column: str | None,
+    caption_column: str | None = None,
+    embedding_columns: Sequence[str] = (),
+    **decode_kwargs: Any,
 ) -> pa.Table:
-    labels = _checked_labels(batch[label_column], label_column, ", ".join(sorted({str(p) for p in batch["path"]})))
-    rows = (
-        (
-            f"{path} (an {image_column!r} value with label {label})",
-            data,
-            label,
-            "missing (null) image value" if data is None else None,
-        )
-        for path, data, label in zip(batch["path"], batch[image_column], labels, strict=True)
+    n = len(batch["path"])
+    if label_column is None:  # caption shards without classes
+        labels = np.full(n, -1, dtype=np.int64)
+    else:
+        labels = _checked_labels(batch[label_column], label_column, ", ".join(sorted({str(p) for p in batch["path"]})))
+    captions = batch[caption_column] if caption_column is not None else [None] * n
+    # Pass-through columns arrive as (N, ...) arrays (tensor columns) or object arrays of per-row arrays.
+    extras = [batch[c] for c in embedding_columns]
+
+    def rows() -> Iterator[_Row]:
+        for i, (path, data, label, caption) in enumerate(
+            zip(batch["path"], batch[image_column], labels, captions, strict=True)
+        ):
+            row_extras = tuple(e[i] for e in extras)
+            if caption_column is None:
+                name = f"{path} (an {image_column!r} value with label {label})"
+            else:
+                # Caption rows often have no label: name them by caption (or image checksum), so that
+                # distinct bad rows stay distinct entries in the SkipLog.
+                if isinstance(caption, str):
+                    which = f"caption {caption[:40]!r}"
+                elif isinstance(data, bytes | bytearray):
+                    which = f"null caption, image crc32 {zlib.crc32(data):08x}"
+                else:
+                    which = "null caption and image"
+                with_label = "" if label_column is None else f" with label {label}"
+                name = f"{path} (an {image_column!r} value{with_label}, {which})"
+            if data is None:
+                problem = "missing (null) image value"
+            elif caption_column is not None and not isinstance(caption, str):
+                problem = f"missing (null) {caption_column!r} caption"
+            else:
+                missing = [c for c, v in zip(embedding_columns, row_extras, strict=True) if v is None]
+                problem = f"missing (null) {missing[0]!r} value" if missing else None
+            yield _Row(name, data, int(label), problem, caption, row_extras)
+
+    return _decode_rows(
+        rows(), with_captions=caption_column is not None, extra_columns=tuple(embedding_columns), **decode_kwargs
     )
-    return _decode_rows(rows, **decode_kwargs)
+
+
+def _check_embedding_names(
+    columns: Sequence[str], *, image_column: str, label_column: str | None, caption_column: str | None
+) -> tuple[str, ...]:
+    """embedding_columns as a tuple, after checking that the names are distinct and clash with no input
+    or output column."""
+    if isinstance(columns, str):
+        raise ValueError(
+            f"embedding_columns={columns!r} is one string; FIX THIS by passing a list of column names, "
+            f"e.g. [{columns!r}]"
+        )
+    columns = tuple(columns)
+    taken = {image_column, label_column, caption_column, "image", "label", "caption", "path"} - {None}
+    clash = sorted({c for c in columns if c in taken or columns.count(c) > 1})
+    if clash:
+        raise ValueError(
+            f"embedding_columns {clash} repeat a name or clash with the image/label/caption/path columns; FIX THIS "
+            "by passing each pass-through column once, under a name of its own"
+        )
+    return columns
 
 
 @contextlib.contextmanager
@@ -578,10 +773,13 @@ def parquet_shards(
     on_error: OnError = "skip",
     skip_log: SkipLog | None = None,
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
     file_shuffle_seed: int | None = None,
+    caption_column: str | None = None,
+    embedding_columns: Sequence[str] = (),
 ) -> ray.data.Dataset:
-    """Read parquet shards (a file or a folder of *.parquet) with an image and a label column.
+    """Read parquet shards (a file or a folder of *.parquet) with an image and a label column, or, for
+    text-image shards (caption_column set), an image and a caption column.
 
     `image` may hold encoded image bytes (decoded and cropped to res like `image_folder`) or pixel
     arrays: Ray tensors, (nested) lists, or flat fixed-size lists of res*res*channels values
@@ -591,31 +789,80 @@ def parquet_shards(
     file, a missing or wrong-typed column, null or negative labels and null pixel arrays fail fast with
     the file and column named. A null encoded-bytes value counts as a bad file (skipped or raised per
     on_error). Files and folders starting with "." or "_" are ignored (Spark/pyarrow convention).
+
+    caption_column names a string column, output as `caption`. In caption mode the label column is
+    optional: shards without it (in every file, or in none) get label -1, shards with it are checked as
+    above. A null caption is a bad row like a null image (skipped or raised per on_error) for encoded
+    bytes; with pixel arrays it raises, as null pixels do.
+
+    embedding_columns (e.g. ("text_emb", "text_mask")) are precomputed per-row numeric arrays that are
+    passed through to the output under their own names, aligned with the rows that survive decoding
+    (their validation belongs to the module that consumes them). Each must exist with a numeric (float,
+    integer or boolean) leaf type in every footer. With pixel arrays they pass through unchanged; with
+    encoded bytes they come out as Ray tensor columns (variable-shaped if rows differ in shape), and a
+    null value makes its row bad.
     """
     _check_options(res, channels, on_error)
+    embedding_columns = _check_embedding_names(
+        embedding_columns, image_column=image_column, label_column=label_column, caption_column=caption_column
+    )
+    if label_column is None and caption_column is None:
+        raise ValueError("label_column=None needs caption_column; FIX THIS by naming the label or the caption column")
     fs, base = resolve_filesystem(path)
     files = list_files(fs, base, ["parquet"])
     if not files:
         raise ValueError(f"no .parquet files under {path!r}; FIX THIS by pointing to the shard folder")
-    kinds = {f: _check_parquet_file(fs, f, image_column, label_column, res, channels) for f in files}
+    checks = {
+        f: _check_parquet_file(
+            fs,
+            f,
+            image_column,
+            label_column,
+            res,
+            channels,
+            caption_column=caption_column,
+            embedding_columns=embedding_columns,
+        )
+        for f in files
+    }
+    kinds = {f: kind for f, (kind, _) in checks.items()}
     if len(set(kinds.values())) > 1:
         raise ValueError(
             f"column {image_column!r} holds encoded bytes in some files and arrays in others "
             f"(e.g. {files[0]} has {kinds[files[0]]}); FIX THIS by keeping one kind per dataset"
         )
     kind = kinds[files[0]]
+    labelled = [f for f, (_, has_label) in checks.items() if has_label]
+    if labelled and len(labelled) < len(files):
+        unlabelled = next(f for f in files if f not in labelled)
+        raise ValueError(
+            f"column {label_column!r} is in some shards but not in others (e.g. {labelled[0]} has it, {unlabelled} "
+            "does not); FIX THIS by writing it in every shard (-1 where a sample has no class) or in none"
+        )
+    if not labelled:
+        label_column = None  # caption mode without classes: label -1
+    read_columns = [image_column, label_column, caption_column, *embedding_columns]
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(
             files,
             filesystem=fs,
-            columns=[image_column, label_column],
-            include_paths=kind == "bytes",  # only decode errors need to name the file
+            columns=[c for c in read_columns if c is not None],
+            # decode errors and bad embedding values must name the file; nothing else needs paths
+            include_paths=kind == "bytes" or bool(embedding_columns),
             shuffle=_file_shuffle(file_shuffle_seed),
             # One block per shard: Ray otherwise splits each file's output, and a split read cannot
             # fuse with the map_batches after it (~2x slower end to end on pixel-array shards).
             override_num_blocks=len(files),
         )
-    common = dict(image_column=image_column, label_column=label_column, res=res, channels=channels, crop=crop)
+    common = dict(
+        image_column=image_column,
+        label_column=label_column,
+        caption_column=caption_column,
+        embedding_columns=embedding_columns,
+        res=res,
+        channels=channels,
+        crop=crop,
+    )
     if kind == "array":
         return ds.map_batches(_parquet_array_batch, fn_kwargs=common, batch_format="pyarrow")
     return ds.map_batches(
@@ -631,36 +878,72 @@ def parquet_shards(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _webdataset_caption(raw: Any, key: str) -> tuple[str | None, str | None]:
+    """(caption, None) from a sample's caption entry, or (None, why it is unusable). A key ending in
+    "json" holds a JSON object with a "caption" or "text" string; any other key holds utf-8 text."""
+    if not isinstance(raw, bytes | bytearray):
+        return None, f"no .{key} entry (the caption)"
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f".{key} caption is not valid utf-8 ({e})"
+    if not key.endswith("json"):
+        return text.strip(), None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        return None, f".{key} is not valid JSON ({e})"
+    if not isinstance(meta, dict):
+        return None, f".{key} holds a JSON {type(meta).__name__}, not an object with a 'caption' or 'text' field"
+    caption = next((meta[f] for f in ("caption", "text") if isinstance(meta.get(f), str)), None)
+    if caption is None:
+        return None, f".{key} has no string 'caption' or 'text' field (keys: {sorted(meta)[:10]})"
+    return caption.strip(), None
+
+
 def _decode_webdataset_batch(
-    batch: dict[str, np.ndarray], *, image_keys: Sequence[str], label_key: str, **decode_kwargs: Any
+    batch: dict[str, np.ndarray],
+    *,
+    image_keys: Sequence[str],
+    label_key: str,
+    caption_key: str | None = None,
+    **decode_kwargs: Any,
 ) -> pa.Table:
     # Sample entries become columns named after their suffix; a suffix missing from a sample shows
     # up as None or NaN in its row (e.g. shards that mix .jpg and .png samples).
     columns = {k.lower(): v for k, v in batch.items()}
     image_columns = [columns[k] for k in image_keys if k in columns]
     label_col = columns.get(label_key)
+    caption_col = columns.get(caption_key) if caption_key is not None else None
     urls = batch.get("__url__")
+
+    def label_of(raw: Any) -> int:
+        try:
+            return int(bytes(raw).decode("utf-8").strip())
+        except ValueError:
+            return -1
 
     def rows() -> Iterator[_Row]:
         for i, key in enumerate(batch["__key__"]):
             name = f"{urls[i]}:{key}" if urls is not None else str(key)
             data = next((c[i] for c in image_columns if isinstance(c[i], bytes | bytearray)), None)
             raw = label_col[i] if label_col is not None else None
+            has_label = isinstance(raw, bytes | bytearray)
+            label = label_of(raw) if has_label else -1
             if data is None:
-                yield name, None, None, f"no image entry ({', '.join('.' + k for k in image_keys)})"
-            elif not isinstance(raw, bytes | bytearray):
-                yield name, None, None, f"no .{label_key} entry"
+                yield _Row(name, None, None, f"no image entry ({', '.join('.' + k for k in image_keys)})")
+            elif caption_key is not None:
+                # Text-image samples: the caption is required, the class is optional (-1 if absent or invalid).
+                caption, problem = _webdataset_caption(caption_col[i] if caption_col is not None else None, caption_key)
+                yield _Row(name, data, max(label, -1), problem, caption)
+            elif not has_label:
+                yield _Row(name, None, None, f"no .{label_key} entry")
+            elif label < 0:
+                yield _Row(name, None, None, f".{label_key} is not a class index >= 0: {bytes(raw[:20])!r}")
             else:
-                try:
-                    label = int(raw.decode("utf-8").strip())
-                except ValueError:
-                    label = -1
-                if label < 0:
-                    yield name, None, None, f".{label_key} is not a class index >= 0: {bytes(raw[:20])!r}"
-                else:
-                    yield name, data, label, None
+                yield _Row(name, data, label, None)
 
-    return _decode_rows(rows(), **decode_kwargs)
+    return _decode_rows(rows(), with_captions=caption_key is not None, **decode_kwargs)
 
 
 def webdataset_shards(
@@ -674,14 +957,22 @@ def webdataset_shards(
     image_keys: Sequence[str] = WEBDATASET_IMAGE_KEYS,
     label_key: str = "cls",
     file_shuffle_seed: int | None = None,
+    caption_key: str | None = None,
 ) -> ray.data.Dataset:
-    """Read WebDataset `.tar` shards (a file or a folder) of `<key>.jpg|png` + `<key>.cls` samples.
+    """Read WebDataset `.tar` shards (a file or a folder) of `<key>.jpg|png` + `<key>.cls` samples, or,
+    with caption_key, text-image samples `<key>.jpg|png` + `<key>.txt` / `<key>.json` (LAION, CC3M).
 
     Uses `ray.data.read_webdataset` with its decoder off, so images decode exactly like the other
     sources. `.cls` holds the integer label as text. Samples without an image or a valid label are
     skipped (and recorded) or raise, per on_error. A shard whose size is not a whole tar archive (cut
     off mid-write) raises on the driver, naming the file. Files and folders starting with "." or "_"
     are ignored.
+
+    caption_key (e.g. "txt" or "json") adds a `caption` column: a key ending in "json" holds a JSON
+    object whose "caption" (else "text") string field is the caption, any other key holds utf-8 text;
+    captions are stripped. In caption mode `.cls` is optional: a valid class index is used, otherwise
+    the label is -1. A sample whose caption entry is missing, not utf-8, not valid JSON or without a
+    caption/text string is bad (skipped and recorded, or raised, per on_error).
     """
     _check_options(res, channels, on_error)
     fs, base = resolve_filesystem(path)
@@ -704,6 +995,7 @@ def webdataset_shards(
         fn_kwargs=dict(
             image_keys=tuple(k.lower() for k in image_keys),
             label_key=label_key.lower(),
+            caption_key=None if caption_key is None else caption_key.lower(),
             res=res,
             channels=channels,
             crop=crop,
@@ -722,6 +1014,7 @@ def webdataset_shards(
 SOURCES: dict[str, Callable[..., ray.data.Dataset]] = {
     "mnist": mnist,
     "digits": digits,
+    "shapes": shapes,
     "image_folder": image_folder,
     "parquet": parquet_shards,
     "webdataset": webdataset_shards,

@@ -9,6 +9,7 @@ seen on an H200), which is why chunks, not workers, fix the batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -17,7 +18,9 @@ import ray
 import ray.data
 import torch
 
-from rayflow.config import JobConfig
+from rayflow.config import DataConfig, JobConfig
+from rayflow.data import shapes
+from rayflow.data.text import make_encoder, pack_text
 from rayflow.evaluation.generate import generate_samples
 from rayflow.models import guided, load_teacher
 
@@ -28,7 +31,7 @@ def load_for_sampling(job: JobConfig, path: str, model: str, device: torch.devic
     """A teacher (with classifier-free guidance at teacher.guidance_scale) or a student (same architecture and
     adapter as the teacher, weights only) from `path`, frozen, on `device`."""
     den = load_teacher(path, job.model, job.data, teacher=job.teacher, device=device)
-    return guided(den, job.teacher.guidance_scale, job.data.num_classes) if model == "teacher" else den
+    return guided(den, job.teacher.guidance_scale, job.data) if model == "teacher" else den
 
 
 def image_shape(job: JobConfig) -> tuple[int, int, int]:
@@ -37,9 +40,54 @@ def image_shape(job: JobConfig) -> tuple[int, int, int]:
 
 
 def eval_labels(job: JobConfig, n: int) -> torch.Tensor:
-    """Class labels (n,) for `python -m rayflow.sample`: eval.labels cycled, else every class in turn."""
+    """Class labels (n,) for `python -m rayflow.sample` on class data: eval.labels cycled, else every class in turn."""
     pool = torch.tensor(job.eval.labels) if job.eval.labels else torch.arange(job.data.num_classes)
     return pool[torch.arange(n) % len(pool)]
+
+
+def sample_conditions(job: JobConfig, n: int) -> tuple[torch.Tensor, list[int] | None, list[str] | None]:
+    """(conditions, class labels or None, captions or None) for `python -m rayflow.sample`: eval.labels on class
+    data; on text data eval.captions cycled, else the evaluation captions."""
+    if not job.data.text:
+        labels = eval_labels(job, n)
+        return labels, labels.tolist(), None
+    if job.eval.captions:
+        captions = [job.eval.captions[i % len(job.eval.captions)] for i in range(n)]
+        return encode_captions(job.data, captions), None, captions
+    cond, labels, captions = eval_conditions(job, n)
+    return cond, labels.tolist(), captions
+
+
+def encode_captions(data: DataConfig, captions: list[str]) -> torch.Tensor:
+    """Captions -> packed text conditions (N, L, D + 1) with the job's text encoder, on the driver."""
+    if data.text_encoder == "precomputed":
+        raise ValueError("captions cannot be encoded with data.text_encoder=precomputed (there is no encoder); "
+                         "FIX THIS by evaluating with the encoder the embeddings were made with (minilm or hf)")
+    encoder = _encoder(data.text_encoder, data.text_encoder_path, data.text_max_tokens)
+    emb, mask = encoder.encode(list(captions))
+    return torch.from_numpy(pack_text(emb, mask, where="evaluation captions"))
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(kind: str, path: str | None, max_tokens: int):
+    return make_encoder(kind, path=path, max_tokens=max_tokens)
+
+
+def eval_conditions(job: JobConfig, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+    """(conditions, labels, captions) of n evaluation samples: class data cycles through the classes (condition =
+    label); text data (data.source=shapes) uses rayflow's evaluation captions, encoded like the training data, and
+    their attribute classes as labels, so the classifier's accuracy is the caption consistency."""
+    if not job.data.text:
+        labels = torch.arange(n) % job.data.num_classes
+        return labels, labels, None
+    if job.data.source != "shapes":
+        raise ValueError(
+            f"evaluating text-to-image samples needs captions whose content can be checked; data.source="
+            f"{job.data.source} has none rayflow can score. FIX THIS by evaluating on data.source=shapes, or set "
+            "run.eval_every_images=0 and task=distill and score your student with your own prompts and metric"
+        )
+    labels, captions = shapes.eval_prompts(n)
+    return encode_captions(job.data, captions), torch.from_numpy(labels).long(), captions
 
 
 class GeneratorActor:
@@ -69,8 +117,9 @@ def draw_samples(
     job: JobConfig, path: str, model: str, sampler: str, steps: int, labels: torch.Tensor, *, seed: int,
     workers: int | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """One sample per label (N,) from the checkpoint at `path` (`model`: teacher | student) with `sampler` at
-    `steps`: (N, C, H, W) in [-1, 1] on CPU and the sampling seconds summed over chunks (one worker's time).
+    """One sample per condition (labels: class labels (N,) or packed text conditions (N, L, D + 1)) from the
+    checkpoint at `path` (`model`: teacher | student) with `sampler` at `steps`: (N, C, H, W) in [-1, 1] on CPU and
+    the sampling seconds summed over chunks (one worker's time).
 
     `workers` (default eval.workers) actors with eval.cpus_per_worker / eval.gpus_per_worker each; 0 samples
     on the driver. The result is the same for every worker count.
@@ -90,7 +139,7 @@ def draw_samples(
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs={"job": job, "path": path, "model": model, "sampler": sampler, "steps": steps,
-                               "labels": labels.long().numpy(), "seed": seed, "chunk": chunk},
+                               "labels": labels.numpy(), "seed": seed, "chunk": chunk},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),

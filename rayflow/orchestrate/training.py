@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray.train
 import torch
@@ -11,9 +11,11 @@ from ray.train.torch import TorchTrainer
 
 from rayflow.config import JobConfig
 from rayflow.data.pipeline import build_train_dataset
+from rayflow.data.sources import SkipLog, SkippedFile
 from rayflow.models import save_state_dict
 from rayflow.orchestrate.datasets import source_dataset
 from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
+from rayflow.orchestrate.generate import eval_conditions
 from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
 from rayflow.worker.state import TEACHER_PRECOND
 
@@ -25,6 +27,7 @@ class TrainOutcome:
     return_value: dict
     best_checkpoint_dir: str | None = None  # best by BEST_METRIC when in-training evaluation ran
     best_metrics: dict | None = None
+    skipped: list[SkippedFile] = field(default_factory=list)  # files the source dropped (data.on_bad_image=skip)
 
 
 # In-training evaluation's score: Train keeps the best checkpoints by it (and always the latest).
@@ -34,15 +37,19 @@ BEST_METRIC, BEST_MODE = "eval.proxy_fd", "min"
 def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> TrainOutcome:
     """Train `role` ('teacher' or 'distill') on Ray Train as run `name`; rerunning the same name resumes."""
     r = job.resources
-    reference = None
+    reference, cond, labels = None, None, None
     if role == "distill" and job.run.eval_every_images:
         # Bytes, not a path: workers on other nodes cannot read the driver's disk.
         with open(prepare_reference(job, cache_dir(job)), "rb") as f:
             reference = f.read()
+        cond, labels, _ = eval_conditions(job, job.run.eval_proxy_samples)  # text: encoded here, once
+        cond, labels = cond.numpy(), labels.numpy()
+    skip_log = SkipLog()  # the decode tasks of every epoch and restart report into it; a file counts once
     per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "role": role, "eval_reference": reference},
+        train_loop_config={"job": job.to_dict(), "role": role, "eval_reference": reference, "eval_cond": cond,
+                           "eval_labels": labels},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker
         ),
@@ -57,7 +64,7 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
             ),
             callbacks=list(callbacks),
         ),
-        datasets={"train": _train_data(job, os.path.join(job.run.absolute_storage(), name))},
+        datasets={"train": _train_data(job, os.path.join(job.run.absolute_storage(), name), skip_log)},
         # Train replaces a dataset's execution options with its ingest defaults, dropping the pipeline's
         # preserve_order; Ray Data then hands blocks to ranks by arrival and locality, and a resumed rank would
         # skip other batches than the ones it had consumed.
@@ -65,7 +72,8 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
     )
     result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    out = TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {})
+    out = TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {},
+                       skipped=skip_log.skipped())
     if reference:
         scored = [(c, m) for c, m in result.best_checkpoints or [] if BEST_METRIC in m]
         if scored:
@@ -74,7 +82,7 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
     return out
 
 
-def _train_data(job: JobConfig, run_dir: str):
+def _train_data(job: JobConfig, run_dir: str, skip_log: SkipLog | None = None):
     """The training dataset as a function: Train calls it at every worker-group start (the first one, each
     restart after a failure, a rerun of the same name).
 
@@ -84,7 +92,7 @@ def _train_data(job: JobConfig, run_dir: str):
     would start a restart inside epoch e with epoch 0's order and skip or repeat images.
     """
     d = job.data
-    source = source_dataset(d)  # here, on the driver: a bad path or file fails before any worker starts
+    source = source_dataset(d, skip_log=skip_log)  # on the driver: a bad path or file fails before workers start
 
     def make():
         return build_train_dataset(source, seed=d.seed, flip=d.random_flip, preserve_order=True,

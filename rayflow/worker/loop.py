@@ -68,6 +68,19 @@ class DataLedger:
         return {"images": self.images, "checksum": self.checksum}
 
 
+def check_labels(label: torch.Tensor, num_classes: int) -> None:
+    """Class labels outside 0..num_classes-1 would index past the class embedding (or hit the null class used for
+    guidance): stop with the config key to fix instead of training on garbage. One device sync per batch."""
+    lo, hi = (int(v) for v in torch.aminmax(label))
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"the training data holds class label {bad}, outside 0..{num_classes - 1} "
+            f"(data.num_classes={num_classes}). FIX THIS by setting data.num_classes to your data's number of "
+            "classes (labels index 0..N-1)"
+        )
+
+
 def restore(state: TrainState) -> DataLedger | None:
     """Load the latest checkpoint of this run (after a worker restart or a rerun of the same command);
     returns its data ledger, or None when the run starts fresh."""
@@ -84,19 +97,22 @@ class ProxyEval:
     """In-training evaluation of the student's EMA on rank 0: k-step samples from the same noise every
     time (so the curve shows the model changing, not the draw) scored against a precomputed reference."""
 
-    def __init__(self, reference: bytes, job: JobConfig, device: torch.device) -> None:
+    def __init__(self, reference: bytes, cond, labels, job: JobConfig, device: torch.device) -> None:
         self.classifier, self.ref = load_reference(io.BytesIO(reference))
         self.classifier.to(device)
         self.job, self.device = job, device
-        self.labels = torch.arange(job.run.eval_proxy_samples) % job.data.num_classes
+        # what each sample is conditioned on (class labels or packed captions) and the class the classifier checks
+        self.cond, self.labels = torch.as_tensor(cond), torch.as_tensor(labels)
 
     def __call__(self, module: torch.nn.Module) -> tuple[dict[str, float], torch.Tensor]:
         """(eval.proxy_* metrics, the samples (N, C, H, W))."""
         d, r = self.job.data, self.job.run
-        x, secs = generate_samples(module, "student", self.job.distill.steps, self.labels,
+        x, secs = generate_samples(module, "student", self.job.distill.steps, self.cond,
                                    (d.channels, d.resolution, d.resolution), batch=r.eval_batch,
                                    seed=r.seed + 29, device=self.device)
         m = metrics_against(self.classifier, self.ref, x, self.labels)
+        if self.job.data.text:
+            m["caption_consistency"] = m["accuracy"]
         return {f"eval.proxy_{k}": v for k, v in m.items() if k != "real_accuracy"} | {"eval.proxy_s": secs}, x
 
 
@@ -113,7 +129,8 @@ def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int, le
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill", "eval_reference": bytes | None}."""
+    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill", "eval_reference": bytes | None,
+    "eval_cond", "eval_labels": the in-training evaluation's conditions and classes (arrays) when it runs}."""
     job = JobConfig.from_dict(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -143,7 +160,8 @@ def train_loop_per_worker(config: dict) -> dict:
     last_ckpt = c.images_seen // job.run.checkpoint_every_images
     every_eval = job.run.eval_every_images if config.get("eval_reference") else 0
     last_eval = c.images_seen // every_eval if every_eval else 0
-    proxy = ProxyEval(config["eval_reference"], job, device) if every_eval and rank == 0 else None
+    proxy = (ProxyEval(config["eval_reference"], config["eval_cond"], config["eval_labels"], job, device)
+             if every_eval and rank == 0 else None)
     while c.updates < state.total_updates:
         batches = iter_torch_batches(shard, per_worker, device, local_shuffle_buffer_size=None, drop_last=True)
         t0 = time.perf_counter()
@@ -153,6 +171,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 t0 = time.perf_counter()
                 continue
             progressed = True
+            if not job.data.text:
+                check_labels(label, job.data.num_classes)
             t1 = time.perf_counter()
             wait += t1 - t0
             ledger.add(x, slot=c.updates * world + rank)

@@ -117,7 +117,7 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
             _unwrap(den).schedule,
             weighting=t.weighting,
             cond_drop_prob=t.cond_drop_prob,
-            null_cond=job.data.num_classes,
+            null_cond=job.data.null_condition,
             ema=ema,
         )
         return TrainState(
@@ -135,7 +135,7 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
     base = load_teacher(
         job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device, teacher=job.teacher
     )
-    teacher = guided(base, job.teacher.guidance_scale, job.data.num_classes)
+    teacher = guided(base, job.teacher.guidance_scale, job.data)
     student = wrap(_trainable_copy(base, job))
     ema = EMA(student, d.ema_decay)
     opt_s = make_adam(student.parameters(), d.lr_student, betas=(d.beta1, d.beta2), eps=d.adam_eps)

@@ -164,3 +164,54 @@ def test_guidance_formula_and_condition_dropout():
 def test_denoiser_adapter_rejects_unknown_prediction():
     with pytest.raises(ValueError, match="unknown prediction"):
         Denoiser(torch.nn.Identity(), CosineSchedule(), prediction="score")
+
+
+class _PackedMixture(torch.nn.Module):
+    """The exact mixture denoiser behind a text-like tensor condition (B, 1, K + 1): a one-hot "token" naming the
+    component plus the mask channel; the all-zero (null) condition is the unconditional posterior mean."""
+
+    def __init__(self, exact: torch.nn.Module):
+        super().__init__()
+        self.exact = exact
+
+    def forward(self, z, t, cond):
+        known = cond[:, 0, -1] > 0.5  # (B,)
+        x_c = self.exact(z, t, cond[:, 0, :-1].argmax(1))
+        return torch.where(known[:, None], x_c, self.exact(z, t, None))
+
+
+def _packed(labels: torch.Tensor, k: int) -> torch.Tensor:
+    onehot = torch.nn.functional.one_hot(labels, k).to(torch.float64)  # (B, K)
+    return torch.cat([onehot, torch.ones(len(labels), 1, dtype=torch.float64)], 1)[:, None]  # (B, 1, K + 1)
+
+
+def test_guidance_with_a_tensor_condition_matches_the_exact_mixture():
+    # Classifier-free guidance on packed (text-style) conditions, null = all zeros, against the closed form
+    # (1 + w) E[x | z_t, c] - w E[x | z_t] of a Gaussian mixture.
+    from rayflow.core.gaussian_mixture import GaussianMixture, MixtureDenoiser
+
+    g = torch.Generator().manual_seed(4)
+    k, d = 3, 2
+    mix = GaussianMixture(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64),
+                          torch.randn(k, d, generator=g, dtype=torch.float64) * 2,
+                          torch.eye(d, dtype=torch.float64).expand(k, d, d) * 0.3)
+    exact = MixtureDenoiser(mix, CosineSchedule())
+    z, t = torch.randn(6, d, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    out = GuidedDenoiser(_PackedMixture(exact), scale=1.5, null_cond=0)(z, t, _packed(labels, k))
+    ref = 2.5 * exact(z, t, labels) - 1.5 * exact(z, t, None)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # condition dropout nulls whole conditions (every token and the mask), never single entries
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, z, t, cond):
+            seen.append(cond.clone())
+            return torch.zeros_like(z)
+
+    cond = _packed(torch.randint(0, k, (20_000,), generator=g), k)
+    denoising_loss(Spy(), torch.randn(20_000, d, dtype=torch.float64), cond, CosineSchedule(), cond_drop_prob=0.2,
+                   null_cond=0)
+    nulled = (seen[0] == 0).all(dim=(1, 2))
+    assert nulled.float().mean().item() == pytest.approx(0.2, abs=0.02)
+    torch.testing.assert_close(seen[0][~nulled], cond[~nulled])

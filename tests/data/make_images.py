@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +153,13 @@ def odd_images(seed: int = 0) -> dict[str, OddImage]:
     out["cmyk.jpg"] = OddImage(_encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None, gray=False)
     out["gray.jpg"] = OddImage(_encode(Image.fromarray(rgb[..., 1]), "JPEG"), None, gray=True)
     return out
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """A WebDataset shard: samples {key: {suffix: bytes}} as `<key>.<suffix>` tar members."""
+    with tarfile.open(path, "w") as tar:
+        for key, entries in samples.items():
+            for suffix, data in entries.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

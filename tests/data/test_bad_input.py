@@ -9,9 +9,7 @@ samples without a label.
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from rayflow.data.pipeline import build_train_dataset
 from rayflow.data.sources import SkipLog, _decode_rows, find_classes, image_folder, parquet_shards, webdataset_shards
 from rayflow.data.transforms import center_crop_resize, decode_image, to_model_input
 
-from .make_images import _encode, _picture, odd_images
+from .make_images import _encode, _picture, odd_images, write_tar
 
 RES = 16
 ODD = odd_images()
@@ -284,19 +282,12 @@ def test_parquet_rows_of_different_sizes_fail_with_a_fix(tmp_path: Path) -> None
 # -------------------------------------------------------------------------------- webdataset
 
 
-def _tar(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, entries in samples.items():
-            for suffix, data in entries.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_webdataset_cut_off_shard_is_named_and_negative_class_is_a_counted_skip(tmp_path: Path) -> None:
     png = _png(np.zeros((8, 8, 3), np.uint8))
-    _tar(tmp_path / "shard-0.tar", {"s0": {"png": png, "cls": b"1"}, "s1": {"png": png, "cls": b"-1"}})
+    write_tar(tmp_path / "shard-0.tar", {"s0": {"png": png, "cls": b"1"}, "s1": {"png": png, "cls": b"-1"}})
     full = (tmp_path / "shard-0.tar").read_bytes()
     (tmp_path / "shard-1.tar").write_bytes(full[:700])
     with pytest.raises(ValueError, match=r"shard-1\.tar: 700 bytes is not a whole tar archive") as e:

@@ -70,18 +70,55 @@ def test_unknown_network_lists_choices():
         build_net("transformer")
 
 
-def test_unet_supports_forward_mode_jvp_in_eval_mode():
+def _text_cond(b: int, length: int, dim: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(b, length, dim + 1, generator=g)
+    mask = torch.arange(length)[None] < torch.randint(1, length + 1, (b, 1), generator=g)  # (B, L) prefix masks
+    cond[..., :-1] *= mask[..., None]
+    cond[..., -1] = mask.float()
+    return cond
+
+
+def test_text_unet_ignores_padding_and_treats_zeros_as_the_null_condition():
+    torch.manual_seed(0)
+    net = build_net("unet", in_channels=3, channels=8, channel_mult=[1, 2], attn_levels=[1], text_dim=6).eval()
+    for p in net.parameters():  # zero-initialised output layers would make every check trivially pass
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    x, t, cond = torch.randn(3, 3, 8, 8), torch.rand(3), _text_cond(3, 5, 6)
+    out = net(x, t, cond)
+    assert out.shape == x.shape
+    # values at padded positions (mask 0) do not matter: packing zeroes them, but the net must not rely on it
+    noisy = cond.clone()
+    noisy[..., :-1] += 5.0 * (cond[..., -1:] == 0)
+    torch.testing.assert_close(net(x, t, noisy), out)
+    # more padding does not change anything either (the caption's tokens are what counts)
+    padded = torch.cat([cond, torch.zeros(3, 4, 7)], dim=1)
+    torch.testing.assert_close(net(x, t, padded), out, rtol=1e-5, atol=1e-6)
+    # the text changes the output, and None is the all-zero null condition
+    assert (net(x, t, _text_cond(3, 5, 6, seed=1)) - out).abs().max() > 1e-3
+    torch.testing.assert_close(net(x, t, None), net(x, t, torch.zeros(3, 5, 7)))
+    with pytest.raises(ValueError, match="text_dim"):
+        net(x, t, torch.zeros(3, 5, 9))
+    with pytest.raises(ValueError, match="not both"):
+        build_net("unet", in_channels=3, channels=8, num_classes=3, text_dim=6)
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_unet_supports_forward_mode_jvp_in_eval_mode(conditioning):
     # the parameter-space algorithm runs torch.func.jvp through the frozen (eval-mode) teacher
     from torch.func import functional_call, jvp
 
-    net = build_net("unet", in_channels=1, channels=8, channel_mult=[1, 2], attn_levels=[1], num_classes=3).eval()
+    kind = {"num_classes": 3} if conditioning == "class" else {"text_dim": 4}
+    net = build_net("unet", in_channels=1, channels=8, channel_mult=[1, 2], attn_levels=[1], **kind).eval()
     for p in net.parameters():
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.05)
     params = {k: v.detach().double() for k, v in net.named_parameters()}
     net = net.double()
     tangent = {k: torch.randn_like(v) for k, v in params.items()}
-    x, t, c = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([0, 2])
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    c = torch.tensor([0, 2]) if conditioning == "class" else _text_cond(2, 3, 4).double()
     _, u = jvp(lambda p: functional_call(net, p, (x, t, c)), (params,), (tangent,))
     h = 1e-6
     plus = functional_call(net, {k: v + h * tangent[k] for k, v in params.items()}, (x, t, c))
