@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,3 +114,27 @@ def test_ray_job_submit_runs_the_smoke_job(ray_cluster, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("rayflow").experiment_id])
     assert [r.info.run_name for r in runs] == ["submitted"] and runs[0].info.status == "FINISHED"
     assert "eval.student.fd" in runs[0].data.metrics
+
+
+@pytest.mark.slow  # a teacher run on an image folder: about a minute
+def test_skipped_files_reach_mlflow_as_a_count_and_a_list(ray_cluster, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(40):
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    done = subprocess.run(_train_cmd(tmp_path, "task=teacher", "run.name=skips", "data.source=image_folder",
+                                     f"data.path={tmp_path / 'imgs'}", "data.channels=3", "data.num_classes=2",
+                                     "teacher.train_images=128", "data.batch_size=32"),
+                          cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    out = _summary(done.stdout)
+    client = _client(tmp_path)
+    assert client.get_run(out["run_id"]).data.metrics["teacher.data.skipped_files"] == 1
+    local = client.download_artifacts(out["run_id"], "data/skipped-teacher.json", str(tmp_path))
+    listed = json.loads(Path(local).read_text())
+    assert [Path(s["path"]).name for s in listed] == ["broken.jpg"] and listed[0]["reason"]

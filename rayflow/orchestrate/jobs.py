@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 
@@ -12,6 +14,8 @@ from rayflow import track
 from rayflow.config import JobConfig
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.training import BEST_METRIC, export_student, export_teacher, run_training
+
+logger = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:
@@ -35,6 +39,7 @@ def train_and_export(
     res = run_training(job, role, f"{job.run.name}-{role}",
                        callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix, spool=spool), *callbacks])
     track.replay_spool(uri, run_id, spool)
+    _log_skipped(uri, run_id, prefix, res.skipped, export_dir, role)
     path, digest = export(res.checkpoint_dir, export_dir)
     artifact = "teacher" if role == "teacher" else "student"
     track.log_artifact_file(uri, run_id, path, artifact)
@@ -49,6 +54,18 @@ def train_and_export(
         track.set_tags(uri, run_id, {"rayflow.best_checkpoint": res.best_checkpoint_dir})
         out["student_best_path"], out["student_best_sha256"] = best, best_digest
     return path
+
+
+def _log_skipped(uri: str, run_id: str, prefix: str, skipped: list, export_dir: str, role: str) -> None:
+    """Files the source skipped while training: their count as a metric, the list (path, reason) as an artifact."""
+    track.log_metrics(uri, run_id, {f"{prefix}data.skipped_files": len(skipped)}, step=0)
+    if skipped:
+        path = os.path.join(export_dir, f"skipped-{role}.json")
+        os.makedirs(export_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump([{"path": s.path, "reason": s.reason} for s in skipped], f, indent=1)
+        track.log_artifact_file(uri, run_id, path, "data")
+        logger.warning("%d file(s) were skipped while training %s (listed in %s)", len(skipped), role, path)
 
 
 def evaluate_and_log(job: JobConfig, run_id: str, teacher_path: str | None, student_path: str | None) -> dict:
