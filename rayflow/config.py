@@ -388,6 +388,8 @@ class EvalConfig:
     captions: list[str] | None = None  # rayflow.sample on text data: prompts, cycled; null: the evaluation captions
     out: str | None = None  # rayflow.sample: x.npz or a directory/ (PNGs); rayflow.evaluate: the metrics JSON
     mlflow: bool = False  # rayflow.evaluate: also log the metrics to an MLflow run (tracking.*)
+    # Text data: a local CLIP folder (save_pretrained of a CLIP model) adds eval.*.clip_score; null: none
+    clip_model: str | None = None
     # Recorded, not set: the weights file's SHA-256, filled where the config is first validated (the driver), so
     # a missing or wrong file stops the job before training, and Train workers without the file skip the check.
     inception_file_sha256: str | None = None
@@ -417,6 +419,18 @@ class EvalConfig:
         ):
             _fail("eval.labels", self.labels, f"listing class labels in 0..{data.num_classes - 1}, e.g. "
                   "eval.labels=[3,7], or null for all classes")
+        if isinstance(self.captions, str):
+            self.captions = [self.captions]  # eval.captions='a red circle above a blue square'
+        if self.captions is not None and (not self.captions or not all(isinstance(c, str) for c in self.captions)):
+            _fail("eval.captions", self.captions, "listing prompts, e.g. eval.captions='[\"a red circle above a blue "
+                  "square\"]', or null for the evaluation captions")
+        if self.clip_model is not None:
+            if not data.text:
+                _fail("eval.clip_model", self.clip_model, "leaving it null: CLIP scores captions, and this data has "
+                      "none (data.text_encoder=none)")
+            if not os.path.isfile(os.path.join(os.path.expanduser(self.clip_model), "config.json")):
+                _fail("eval.clip_model", self.clip_model, "pointing it at a local CLIP folder (save_pretrained of "
+                      "a CLIP model, with config.json)")
 
     def target(self, job: JobConfig, command: str) -> EvalTarget:
         """What `python -m rayflow.<command>` (evaluate | sample) draws, defaults filled in; ConfigError when the

@@ -65,3 +65,17 @@ def test_unknown_keys_are_rejected_with_the_known_ones():
         JobConfig.from_dict({"distill": {"stepz": 3}})
     with pytest.raises(Exception, match="stepz"):  # Hydra's struct mode catches typos first
         _job("distill.stepz=3")
+
+
+@pytest.mark.parametrize("overrides", [
+    ("experiment=text_demo",),
+    ("data=webdataset", "data.path=/shards", "data.text_encoder=minilm", "data.caption_key=json"),
+    ("data=parquet", "data.path=/shards", "data.text_encoder=precomputed", "data.text_dim=384"),
+    ("experiment=text_demo", "data.source=parquet", "data.path=/shards", "data.caption_column=text"),
+])
+def test_text_keys_compose_as_typed(overrides):
+    # every key the README's text-to-image commands use exists in the composed YAML (Hydra's struct mode)
+    job = _job(*overrides)
+    assert job.data.text and job.data.text_dim == 384 and job.data.null_condition == 0
+    if "experiment=text_demo" in overrides:
+        assert job.teacher.guidance_scale == 2.0 and job.model.attn_levels == [1, 2] and job.teacher.sha256

@@ -112,15 +112,19 @@ def _train(tmp: Path, env: dict, *overrides: str) -> dict:
 
 @pytest.mark.slow  # a guided distillation run plus evaluation on a real Ray head: minutes
 def test_text_demo_distils_the_guided_teacher_and_scores_caption_consistency(ray_cluster, tmp_path):
+    from evaluation.tiny_clip import save_tiny_clip  # tests/evaluation: a random CLIP saved offline
     from mlflow import MlflowClient
 
+    save_tiny_clip(str(tmp_path / "clip"))
     out = _train(tmp_path, ray_cluster["env"], "distill.train_images=64", "distill.steps=2",
-                 "teacher.sample_steps=4", "run.eval_every_images=32", "run.eval_proxy_samples=16")
+                 "teacher.sample_steps=4", "run.eval_every_images=32", "run.eval_proxy_samples=16",
+                 f"eval.clip_model={tmp_path / 'clip'}")
     assert out["distill_train"]["images_seen"] == 64
     m = out["metrics"]
     for name in ("teacher_ancestral", "teacher_ddim", "student"):
         assert 0.0 <= m[f"eval.{name}.caption_consistency"] <= 1.0
         assert m[f"eval.{name}.caption_consistency"] == m[f"eval.{name}.accuracy"]
+        assert 0.0 <= m[f"eval.{name}.clip_score"] <= 100.0  # wired through; a random CLIP's value means nothing
     assert m["eval.student.nfe"] == 2
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out["run_id"])
     assert run.data.params["data.text_encoder"] == "minilm" and run.data.params["teacher.guidance_scale"] == "2.0"
@@ -137,3 +141,15 @@ def test_text_teacher_trains_from_captions(ray_cluster, tmp_path):
     assert out["teacher_train"]["images_seen"] == 64
     state = torch.load(out["teacher_path"], map_location="cpu", weights_only=True)
     assert state["net.text.proj.1.weight"].shape[1] == 384
+
+
+def test_eval_text_keys_are_checked(tmp_path):
+    text = {"source": "shapes", "channels": 3, "text_encoder": "minilm"}
+    with pytest.raises(ConfigError, match=r"eval\.clip_model.*this data has\s+none"):
+        JobConfig.from_dict({"data": {}, "teacher": {"checkpoint": None}, "eval": {"clip_model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"eval\.clip_model.*local CLIP folder"):
+        JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"clip_model": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=r"eval\.captions"):
+        JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": []}})
+    job = JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": "a red circle"}})
+    assert job.eval.captions == ["a red circle"]

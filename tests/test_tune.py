@@ -181,6 +181,9 @@ def test_shipped_sweeps_compose_into_valid_configs():
     assert job.data.source == "mnist" and job.teacher.checkpoint  # the main job's distillation
     job, sweep = _compose("experiment=smoke", "sweep=smoke", "sweep.teacher_baseline=false")
     assert sweep.name == "smoke" and not sweep.teacher_baseline and job.data.source == "digits"
+    # the text demo's guidance sweep: every grid value validates into a text-conditional job
+    job, sweep = _compose("experiment=text_demo", "sweep=guidance")
+    assert sweep.space["teacher.guidance_scale"] == {"grid": [1.0, 2.0, 4.0]} and job.data.text
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,9 @@ def evaluate(
     may be None (a sweep evaluates its teacher once and each trial's student alone).
 
     Metrics in the feature space of a small classifier trained on the same data (cached in cache_dir):
-    Frechet distance `fd`, class accuracy of the samples, precision and recall; with eval.inception_weights
-    also FID and Inception Score. Samples are drawn on eval.workers Ray actors. Returns
+    Frechet distance `fd`, class accuracy of the samples (caption consistency on text data), precision and recall;
+    with eval.inception_weights also FID and Inception Score; with eval.clip_model (text data) the CLIP score.
+    Samples are drawn on eval.workers Ray actors. Returns
     {"metrics": {...}, "samples": {name: tensor}, "classifier_sha256": ..., "fid_reference": ... | None}.
     """
     k = job.distill.steps
@@ -121,11 +122,14 @@ def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int
     metrics: dict[str, float] = {"eval.classifier_sha256_prefix": int(clf_sha[:8], 16)}
     if ref is not None:
         metrics |= {"eval.fid_reference_n": ref.n, "eval.fid_reference_sha256_prefix": int(ref.sha256[:8], 16)}
-    cond, labels, _ = eval_conditions(job, n)
+    cond, labels, captions = eval_conditions(job, n)
+    clip = load_clip(job)
     samples = {}
     for r in runs:
         x, secs = draw_samples(job, r.path, r.model, r.sampler, r.steps, cond, seed=seed)
         m = with_caption_consistency(job, image_metrics(classifier, x, labels, real_x, real_y))
+        if clip is not None:
+            m |= clip.score(x, captions)
         if ref is not None:
             m |= fid_metrics(inception, x, ref)
         metrics.update({f"eval.{r.name}.{key}": float(v) for key, v in m.items()})
@@ -143,6 +147,15 @@ def evaluate_checkpoint(job: JobConfig, target: EvalTarget) -> dict:
     run = EvalRun(name, target.checkpoint, target.model, target.sampler, target.steps)
     ev = evaluate_runs(job, [run], cache_dir(job), n=target.samples, seed=target.seed)
     return {**ev, "name": name}
+
+
+def load_clip(job: JobConfig):
+    """eval.clip_model's CLIP scorer on the driver's device, or None."""
+    if not job.eval.clip_model:
+        return None
+    from rayflow.evaluation.clip import ClipScorer  # transformers loads only when asked for
+
+    return ClipScorer(os.path.expanduser(job.eval.clip_model), device=_device())
 
 
 def _device() -> str:
