@@ -50,9 +50,23 @@ def row_uniforms(images: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     return np.array([int.from_bytes(d, "little") for d in digests], dtype=np.float64) / 2.0**64
 
 
-def _flip_and_scale(batch: dict[str, np.ndarray], *, seed: int, flip: bool) -> pa.Table:
+def check_labels(labels: np.ndarray, num_classes: int) -> None:
+    """Class labels outside 0..num_classes-1 would index past the class embedding (or hit the null class that
+    guidance uses): stop with the config key to fix instead of training on garbage."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise ValueError(
+            f"the training data holds class label {bad}, outside 0..{num_classes - 1} "
+            f"(data.num_classes={num_classes}). FIX THIS by setting data.num_classes to your data's number of "
+            "classes (labels index 0..N-1)"
+        )
+
+
+def _flip_and_scale(batch: dict[str, np.ndarray], *, seed: int, flip: bool, num_classes: int | None) -> pa.Table:
     images = stack_images(batch["image"])  # (N, H, W, C) uint8
     labels = np.asarray(batch["label"], dtype=np.int64)
+    if num_classes is not None:
+        check_labels(labels, num_classes)
     if flip and len(labels):
         images = horizontal_flip(images, row_uniforms(images, seed, _execution_index()) < 0.5)
     table = image_table(to_model_input(images), labels)  # image: (N, C, H, W) float32
@@ -71,6 +85,7 @@ def build_train_dataset(
     batch_size: int | None = None,
     preserve_order: bool = False,
     epoch: int = 0,
+    num_classes: int | None = None,
 ) -> ray.data.Dataset:
     """Source (uint8 `image` HWC, int64 `label`) -> training dataset (float32 `image` CHW in [-1, 1]).
 
@@ -84,6 +99,8 @@ def build_train_dataset(
     - batch_size: rows per map call; None = one call per block, which lets Ray fuse read, decode,
       flip and scale into one task (~1.6x the throughput of batch_size=256 in benchmarks/ingest.py).
     - preserve_order: make Ray Data emit rows in a deterministic order (slower; for tests and resume).
+    - num_classes: when set, a label outside 0..num_classes-1 stops the run (checked here, in the CPU tasks,
+      rather than on the training device). None for text data, whose labels may be -1.
     - epoch: the epoch number the first pass of this dataset counts as. Order (block and file shuffle)
       and flips derive from (seed, epoch), so a run resumed in epoch e that passes epoch=e replays the
       interrupted run's epochs exactly.
@@ -96,7 +113,8 @@ def build_train_dataset(
     if block_shuffle:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     ds = ds.map_batches(
-        _flip_and_scale, fn_kwargs=dict(seed=seed, flip=flip), batch_format="numpy", batch_size=batch_size
+        _flip_and_scale, fn_kwargs=dict(seed=seed, flip=flip, num_classes=num_classes), batch_format="numpy",
+        batch_size=batch_size,
     )
     # Each Dataset carries its own DataContext copy, so these settings do not leak into other datasets.
     if not hasattr(ds.context, _EPOCH_ATTR):

@@ -96,7 +96,7 @@ def _train_data(job: JobConfig, run_dir: str, skip_log: SkipLog | None = None):
 
     def make():
         return build_train_dataset(source, seed=d.seed, flip=d.random_flip, preserve_order=True,
-                                   epoch=_resume_epoch(run_dir))
+                                   epoch=_resume_epoch(run_dir), num_classes=None if d.text else d.num_classes)
 
     return make
 

@@ -68,19 +68,6 @@ class DataLedger:
         return {"images": self.images, "checksum": self.checksum}
 
 
-def check_labels(label: torch.Tensor, num_classes: int) -> None:
-    """Class labels outside 0..num_classes-1 would index past the class embedding (or hit the null class used for
-    guidance): stop with the config key to fix instead of training on garbage. One device sync per batch."""
-    lo, hi = (int(v) for v in torch.aminmax(label))
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"the training data holds class label {bad}, outside 0..{num_classes - 1} "
-            f"(data.num_classes={num_classes}). FIX THIS by setting data.num_classes to your data's number of "
-            "classes (labels index 0..N-1)"
-        )
-
-
 def restore(state: TrainState) -> DataLedger | None:
     """Load the latest checkpoint of this run (after a worker restart or a rerun of the same command);
     returns its data ledger, or None when the run starts fresh."""
@@ -171,8 +158,6 @@ def train_loop_per_worker(config: dict) -> dict:
                 t0 = time.perf_counter()
                 continue
             progressed = True
-            if not job.data.text:
-                check_labels(label, job.data.num_classes)
             t1 = time.perf_counter()
             wait += t1 - t0
             ledger.add(x, slot=c.updates * world + rank)

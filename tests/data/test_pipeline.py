@@ -65,6 +65,15 @@ def test_a_source_block_with_zero_rows_passes_through(originals: np.ndarray) -> 
     assert x.shape == (10, 3, RES, RES) and sorted(ids.tolist()) == list(range(10))
 
 
+def test_labels_outside_num_classes_stop_the_pipeline_with_the_config_key(originals: np.ndarray) -> None:
+    # _source labels rows 0..N-1: with num_classes=N they pass, with fewer classes the largest is named
+    n = len(originals)
+    x, _ = _epoch(build_train_dataset(_source(originals), seed=0, num_classes=n))
+    assert len(x) == n
+    with pytest.raises(Exception, match=rf"class label {n - 1}, outside 0\.\.9 \(data\.num_classes=10\)\. FIX THIS"):
+        _epoch(build_train_dataset(_source(originals), seed=0, num_classes=10))
+
+
 def test_no_flip_keeps_images(originals: np.ndarray) -> None:
     x, ids = _epoch(build_train_dataset(_source(originals), seed=3, flip=False))
     assert not _flipped(x, ids, originals).any()
