@@ -38,8 +38,12 @@ def source_dataset(data: DataConfig, *, encode_text: bool = True, skip_log: Skip
                        cpus_per_worker=data.text_encoder_cpus)
 
 
-def train_dataset(data: DataConfig, *, encode_text: bool = True) -> ray.data.Dataset:
-    """Source -> seeded flips and scaling to [-1, 1], in deterministic order so a resumed epoch can skip
-    exactly the batches consumed before the interruption."""
-    return build_train_dataset(source_dataset(data, encode_text=encode_text), seed=data.seed, flip=data.random_flip,
-                               preserve_order=True)
+def train_dataset(
+    data: DataConfig, *, source: ray.data.Dataset | None = None, epoch: int = 0, encode_text: bool = True
+) -> ray.data.Dataset:
+    """Source (the configured one unless given) -> seeded flips and scaling to [-1, 1] and checked labels, in
+    deterministic order so a resumed epoch can skip exactly the batches consumed before the interruption; its
+    first pass counts as `epoch` (see build_train_dataset)."""
+    return build_train_dataset(source if source is not None else source_dataset(data, encode_text=encode_text),
+                               seed=data.seed, flip=data.random_flip, preserve_order=True, epoch=epoch,
+                               num_classes=None if data.text else data.num_classes)

@@ -172,12 +172,12 @@ def load_inception(job: JobConfig) -> FIDInceptionV3 | None:
 def fid_reference(job: JobConfig, cache_dir: str, inception: FIDInceptionV3) -> ReferenceStats:
     """Inception statistics of the first min(eval.fid_reference_samples, data size) training images, preprocessed
     by the training pipeline itself, cached in cache_dir as .npz (with their hash and n) and reused."""
-    n = train_dataset(job.data).limit(job.eval.fid_reference_samples).count()
+    n = train_dataset(job.data, encode_text=False).limit(job.eval.fid_reference_samples).count()
     d = job.data
     key = f"{_data_key(job)}-train-flip{int(d.random_flip)}-seed{d.seed}"
 
     def batches():
-        ds = train_dataset(job.data).limit(n)
+        ds = train_dataset(job.data, encode_text=False).limit(n)
         # copies: Ray's batches are read-only, torch warns on them
         return (np.array(b["image"]) for b in ds.iter_batches(batch_size=FID_BATCH, batch_format="numpy"))
 

@@ -10,10 +10,9 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayflow.config import JobConfig
-from rayflow.data.pipeline import build_train_dataset
 from rayflow.data.sources import SkipLog, SkippedFile
 from rayflow.models import save_state_dict
-from rayflow.orchestrate.datasets import source_dataset
+from rayflow.orchestrate.datasets import source_dataset, train_dataset
 from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
 from rayflow.orchestrate.generate import eval_conditions
 from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
@@ -95,8 +94,7 @@ def _train_data(job: JobConfig, run_dir: str, skip_log: SkipLog | None = None):
     source = source_dataset(d, skip_log=skip_log)  # on the driver: a bad path or file fails before workers start
 
     def make():
-        return build_train_dataset(source, seed=d.seed, flip=d.random_flip, preserve_order=True,
-                                   epoch=_resume_epoch(run_dir), num_classes=None if d.text else d.num_classes)
+        return train_dataset(d, source=source, epoch=_resume_epoch(run_dir))
 
     return make
 
