@@ -17,7 +17,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -123,6 +123,18 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def search_all_runs(uri: str, experiment_id: str, filter_string: str = "", order_by: str = "DESC") -> Iterator:
+    """Every run of the experiment matching filter_string, by start time (order_by ASC or DESC), page by page."""
+    c, token = client(uri), None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=filter_string,
+                             order_by=[f"attributes.start_time {order_by}"], max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def find_run(
     uri: str, experiment_id: str, run_name: str, run_key: str, *, statuses: Iterable[str] = RESUMABLE_STATUSES
 ) -> str | None:
@@ -131,25 +143,10 @@ def find_run(
     wanted = set(statuses)
     # Filter on the tag in MLflow's query language only when quoting is safe; the rest in Python.
     where = f"tags.`{RUN_KEY_TAG}` = '{run_key}'" if "'" not in run_key else ""
-    page_token = None
-    while True:
-        page = client(uri).search_runs(
-            [experiment_id],
-            filter_string=where,
-            order_by=["attributes.start_time DESC"],
-            max_results=1000,
-            page_token=page_token,
-        )
-        for run in page:
-            if (
-                run.info.run_name == run_name
-                and run.data.tags.get(RUN_KEY_TAG) == run_key
-                and run.info.status in wanted
-            ):
-                return run.info.run_id
-        page_token = page.token
-        if not page_token:
-            return None
+    for run in search_all_runs(uri, experiment_id, where):
+        if run.info.run_name == run_name and run.data.tags.get(RUN_KEY_TAG) == run_key and run.info.status in wanted:
+            return run.info.run_id
+    return None
 
 
 def start_run(
@@ -275,21 +272,8 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
 
 def child_runs(uri: str, parent_run_id: str) -> list:
     """The runs nested under `parent_run_id` (MLflow `Run` objects), oldest first."""
-    c = client(uri)
-    parent = c.get_run(parent_run_id)
-    runs, token = [], None
-    while True:
-        page = c.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    experiment_id = client(uri).get_run(parent_run_id).info.experiment_id
+    return list(search_all_runs(uri, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'", "ASC"))
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -111,8 +111,7 @@ class TrialRunsCallback(tune.Callback):
     def _close(self, trial: Any, status: str, tag: str) -> None:
         key = trial_key(self.sweep_name, trial.trial_id)
         try:
-            c = track.client(self.uri)
-            for run in c.search_runs([self.experiment_id], filter_string=f"tags.`{track.RUN_KEY_TAG}` = '{key}'"):
+            for run in track.search_all_runs(self.uri, self.experiment_id, f"tags.`{track.RUN_KEY_TAG}` = '{key}'"):
                 if run.info.status == "RUNNING":
                     track.set_tags(self.uri, run.info.run_id, {STATUS_TAG: tag})
                     track.end_run(self.uri, run.info.run_id, status)
