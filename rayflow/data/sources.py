@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import FileShuffleConfig
 from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTypeV2
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayflow.data.shapes import shapes
 from rayflow.data.transforms import CropMethod, center_crop_resize, decode_image
@@ -92,7 +93,10 @@ class SkipLog:
     """
 
     def __init__(self) -> None:
-        self._ledger = _SkipLedger.remote()
+        # On the creating process's node (the driver's): a ledger placed on a worker node dies with that node,
+        # taking the records with it (seen when a test removed a node mid-run).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._ledger = _SkipLedger.options(scheduling_strategy=here).remote()
 
     def record(self, items: list[tuple[str, str]]) -> None:
         """Add (path, reason) pairs; called from decode tasks."""

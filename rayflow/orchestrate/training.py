@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
+import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
@@ -28,6 +30,8 @@ class TrainOutcome:
     best_metrics: dict | None = None
     skipped: list[SkippedFile] = field(default_factory=list)  # files the source dropped (data.on_bad_image=skip)
 
+
+logger = logging.getLogger(__name__)
 
 # In-training evaluation's score: Train keeps the best checkpoints by it (and always the latest).
 BEST_METRIC, BEST_MODE = "eval.proxy_fd", "min"
@@ -72,13 +76,22 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
     result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     out = TrainOutcome(os.path.join(job.run.absolute_storage(), name), ckpt, result.return_value or {},
-                       skipped=skip_log.skipped())
+                       skipped=_skipped(skip_log))
     if reference:
         scored = [(c, m) for c, m in result.best_checkpoints or [] if BEST_METRIC in m]
         if scored:
             best, metrics = min(scored, key=lambda cm: cm[1][BEST_METRIC])
             out.best_checkpoint_dir, out.best_metrics = best.path, metrics
     return out
+
+
+def _skipped(skip_log: SkipLog) -> list[SkippedFile]:
+    # The training result is safe on storage by now: losing the skip records must not fail the run.
+    try:
+        return skip_log.skipped()
+    except ray.exceptions.RayError as err:
+        logger.warning("the record of skipped files was lost (%s); see the workers' logs for 'skipped' lines", err)
+        return []
 
 
 def _train_data(job: JobConfig, run_dir: str, skip_log: SkipLog | None = None):
