@@ -67,6 +67,12 @@ class DataConfig:
         return self.text_encoder != "none"
 
     @property
+    def scorable(self) -> bool:
+        """Whether rayflow can score samples of this data: class data, and the captioned shapes (whose captions'
+        content a classifier checks); other caption data has no checkable content."""
+        return not self.text or self.source == "shapes"
+
+    @property
     def null_condition(self) -> int:
         """The condition classifier-free guidance contrasts with: the null class, or the all-zero text condition."""
         return 0 if self.text else self.num_classes
@@ -494,6 +500,9 @@ class JobConfig:
         self.tracking.validate()
         self.run.validate()
         self.eval.validate(self.data)
+        if self.run.eval_every_images and not self.data.scorable:
+            _fail("run.eval_every_images", self.run.eval_every_images, f"setting 0: samples of data.source="
+                  f"{self.data.source} captions cannot be scored (caption consistency needs data.source=shapes)")
         if self.data.batch_size % self.resources.num_workers:
             _fail(
                 "data.batch_size",
@@ -580,6 +589,9 @@ class SweepConfig:
             _fail("sweep.name", self.name, "choosing a non-empty name without '/'")
         if not self.space:
             _fail("sweep.space", self.space, "giving at least one key, e.g. {distill.steps: {grid: [1, 2, 4, 8]}}")
+        if not job.data.scorable:
+            _fail("data.source", job.data.source, "sweeping on data whose samples rayflow can score (class data or "
+                  "data=shapes): trials are ranked by an evaluation metric, and these captions have none")
         flat = job.flat()
         for key, spec in self.space.items():
             where = f"sweep.space.{key}"

@@ -155,3 +155,15 @@ def test_eval_text_keys_are_checked(tmp_path):
         JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": []}})
     job = JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": "a red circle"}})
     assert job.eval.captions == ["a red circle"]
+
+
+def test_caption_data_rayflow_cannot_score_refuses_in_training_evaluation_and_sweeps():
+    from rayflow.config import SweepConfig
+
+    wds = {"source": "webdataset", "path": "/shards", "channels": 3, "text_encoder": "minilm"}
+    with pytest.raises(ConfigError, match=r"run\.eval_every_images.*data\.source=shapes"):
+        JobConfig.from_dict({"data": wds, "teacher": {"checkpoint": None}, "run": {"eval_every_images": 512}})
+    job = JobConfig.from_dict({"data": wds, "teacher": {"checkpoint": None}})
+    assert not job.data.scorable and _job(source="shapes", channels=3, text_encoder="minilm").data.scorable
+    with pytest.raises(ConfigError, match=r"'data\.source' = 'webdataset'.*score"):
+        SweepConfig.from_dict({"name": "g", "space": {"teacher.guidance_scale": {"grid": [1.0, 2.0]}}}, job)

@@ -80,7 +80,7 @@ def eval_conditions(job: JobConfig, n: int) -> tuple[torch.Tensor, torch.Tensor,
     if not job.data.text:
         labels = torch.arange(n) % job.data.num_classes
         return labels, labels, None
-    if job.data.source != "shapes":
+    if not job.data.scorable:
         raise ValueError(
             f"evaluating text-to-image samples needs captions whose content can be checked; data.source="
             f"{job.data.source} has none rayflow can score. FIX THIS by evaluating on data.source=shapes, or set "

@@ -105,7 +105,12 @@ def run_job(job: JobConfig) -> dict:
             job.teacher.checkpoint = teacher_path
             student_path = train_and_export(job, "distill", export_student, export_dir, run_id, out)
             out["student_path"] = student_path
-            out["metrics"] = evaluate_and_log(job, run_id, teacher_path, student_path)
+            if job.data.scorable:
+                out["metrics"] = evaluate_and_log(job, run_id, teacher_path, student_path)
+            else:  # the student is exported and logged; scoring it needs prompts and a metric of the user's
+                logger.warning("no evaluation: captions of data.source=%s have no content rayflow can check; "
+                               "sample your prompts with `python -m rayflow.sample eval.captions=[...]`",
+                               job.data.source)
         out["wall_s"] = time.perf_counter() - t_start
         track.log_metrics(uri, run_id, {"job.wall_s": out["wall_s"]}, step=0)
         track.end_run(uri, run_id, "FINISHED")
