@@ -209,3 +209,11 @@ def load_reference(path: str | BinaryIO) -> tuple[FeatureClassifier, RealReferen
     ref = RealReference(state["features"], state["mu"].numpy(), state["cov"].numpy(), state["radii"],
                         None if math.isnan(acc) else acc)
     return classifier.eval(), ref
+
+
+def with_caption_consistency(metrics: dict[str, float], text: bool) -> dict[str, float]:
+    """Text data (the captioned shapes): the classifier recognises a caption's attributes, so its accuracy on
+    samples is the caption consistency (share of samples showing what their caption says); named so too."""
+    if text and "accuracy" in metrics:
+        return {**metrics, "caption_consistency": metrics["accuracy"]}
+    return metrics

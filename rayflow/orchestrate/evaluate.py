@@ -22,7 +22,7 @@ from rayflow.evaluation.fid import (
 )
 from rayflow.evaluation.generate import generate_samples
 from rayflow.evaluation.inception import FIDInceptionV3, load_fid_inception
-from rayflow.evaluation.metrics import image_metrics, real_reference, save_reference
+from rayflow.evaluation.metrics import image_metrics, real_reference, save_reference, with_caption_consistency
 from rayflow.orchestrate.datasets import train_dataset
 from rayflow.orchestrate.generate import draw_samples, eval_conditions, image_shape
 
@@ -55,14 +55,6 @@ def generate(
     cond, labels, _ = eval_conditions(job, n)
     x, secs = generate_samples(denoiser, sampler, steps, cond, image_shape(job), batch=job.run.eval_batch, seed=seed)
     return x, labels, secs
-
-
-def with_caption_consistency(job: JobConfig, metrics: dict) -> dict:
-    """Text data: the classifier recognises the caption's attributes, so its accuracy on samples is the caption
-    consistency (share of samples showing what their caption says); named so in the metrics."""
-    if job.data.text and "accuracy" in metrics:
-        metrics = {**metrics, "caption_consistency": metrics["accuracy"]}
-    return metrics
 
 
 def _classifier(job: JobConfig, cache_dir: str, n: int):
@@ -127,7 +119,7 @@ def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int
     samples = {}
     for r in runs:
         x, secs = draw_samples(job, r.path, r.model, r.sampler, r.steps, cond, seed=seed)
-        m = with_caption_consistency(job, image_metrics(classifier, x, labels, real_x, real_y))
+        m = with_caption_consistency(image_metrics(classifier, x, labels, real_x, real_y), job.data.text)
         if clip is not None:
             m |= clip.score(x, captions)
         if ref is not None:

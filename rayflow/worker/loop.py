@@ -19,7 +19,7 @@ from rayflow.config import JobConfig
 from rayflow.data.pipeline import iter_torch_batches
 from rayflow.evaluation.generate import generate_samples
 from rayflow.evaluation.grid import SAMPLES_FILE, save_image_grid
-from rayflow.evaluation.metrics import load_reference, metrics_against
+from rayflow.evaluation.metrics import load_reference, metrics_against, with_caption_consistency
 from rayflow.models import save_state_dict
 from rayflow.worker.state import TrainState, build_state
 
@@ -97,9 +97,7 @@ class ProxyEval:
         x, secs = generate_samples(module, "student", self.job.distill.steps, self.cond,
                                    (d.channels, d.resolution, d.resolution), batch=r.eval_batch,
                                    seed=r.seed + 29, device=self.device)
-        m = metrics_against(self.classifier, self.ref, x, self.labels)
-        if self.job.data.text:
-            m["caption_consistency"] = m["accuracy"]
+        m = with_caption_consistency(metrics_against(self.classifier, self.ref, x, self.labels), self.job.data.text)
         return {f"eval.proxy_{k}": v for k, v in m.items() if k != "real_accuracy"} | {"eval.proxy_s": secs}, x
 
 
