@@ -3,13 +3,20 @@
 Trains an MLP teacher on samples of the mixture in --spec, distils k-step students with both moment-matching
 algorithms, and compares against the true mixture: the teacher's ancestral sampler at 8..512 steps, DDIM at
 k steps and each student at k steps. Metrics: sliced Wasserstein-2 (lower is better), mode-mass total
-variation (lower), mean log-likelihood under the true mixture (higher). A fresh true sample of the same size
-is scored too: its row is the noise floor of the metrics.
+variation (lower), mean log-likelihood under the true mixture (closest to the truth's), and the component-wise
+moment error (lower): per true component, the mean and covariance of the samples it explains best, in units of
+its own std (rayflow.core.metrics.component_moment_errors). A fresh true sample of the same size is scored
+too: its row is the noise floor of the metrics, and the table gives every row's SW2 and moment error as a
+multiple of it.
 
     python benchmarks/gmm_quality.py --out runs/gmm2d
     python benchmarks/gmm_quality.py --spec benchmarks/specs/gmm16d.json --out runs/gmm16d
+    python benchmarks/gmm_quality.py --spec benchmarks/specs/ring2d.json --teacher-only --teacher-steps 256 --seeds 0,1
 
---out DIR writes results.json and samples/<method>_<k>.npy ([N, D]) so anyone can recompute the metrics.
+--teacher-only trains the teacher and scores only the truth and the teacher's ancestral rows (sizing the
+teacher). --seeds repeats everything (training data, reference, teacher, students, sampling noise) per seed
+and adds mean ± std per row. --out DIR writes results.json and samples/<method>_<k>.npy ([N, D]; with several
+seeds samples/seed<s>/<method>_<k>.npy) so anyone can recompute the metrics.
 Prints one JSON line per row, then a markdown table.
 """
 
@@ -30,6 +37,7 @@ from rayflow.core.samplers import sample
 from rayflow.core.schedule import CosineSchedule
 
 HERE = Path(__file__).resolve().parent
+METRICS = ("sw2", "mode_mass_tv", "loglik", "moment_err", "mean_err", "cov_err")
 
 
 def _ints(text: str) -> list[int]:
@@ -41,60 +49,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec", default=str(HERE / "specs" / "gmm2d.json"), help="mixture JSON spec")
     p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="student step counts k")
     p.add_argument("--teacher-steps", type=_ints, default=[8, 16, 32, 64, 128, 256, 512])
+    p.add_argument("--teacher-only", action="store_true",
+                   help="train the teacher, score only the truth and teacher ancestral rows (no DDIM, no students)")
     p.add_argument("--algorithms", default="alternating,parameter_space")
     p.add_argument("--n-train", type=int, default=100_000, help="training samples drawn from the mixture")
-    p.add_argument("--n-eval", type=int, default=10_000, help="samples per evaluated method")
+    p.add_argument("--n-eval", type=int, default=10_000, help="samples per evaluated method (and the reference)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--teacher-iters", type=int, default=3000)
+    p.add_argument("--teacher-lr", type=float, default=1e-3, help="peak teacher lr (cosine decay, 100 warmup)")
     p.add_argument("--distill-iters", type=int, default=1200, help="optimizer updates per distillation run")
     p.add_argument("--lr-student", type=float, default=1e-4)
     p.add_argument("--lr-ratio", type=float, default=1.0, help="lr_aux / lr_student (alternating)")
     p.add_argument("--weighting", default="snr_plus_one")
     p.add_argument("--s-sampling", default="mixed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the one seed, unless --seeds is given")
+    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds: repeat the whole run per seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small MLPs)")
     p.add_argument("--out", default=None, help="write results.json and samples/ here")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def run_seed(args: argparse.Namespace, gm: GaussianMixture, seed: int, samples_dir: Path | None) -> tuple[list, dict]:
+    """One full run at `seed`: rows (one per method and NFE) and timings in seconds."""
     start = time.perf_counter()
-    gm = GaussianMixture.from_json(args.spec)
     schedule = CosineSchedule()
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     data, _ = gm.sample(args.n_train, generator=g)
     reference, _ = gm.sample(args.n_eval, generator=g)
-    out = Path(args.out) if args.out else None
-    if out:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
+    if samples_dir:
+        samples_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
     def record(method: str, k: int, x: torch.Tensor, seconds: float) -> None:
-        row = {"method": method, "nfe": k, **mixture_metrics(gm, x.double(), reference, seed=args.seed),
-               "sample_s": round(seconds, 3)}
+        row = {"method": method, "nfe": k, "seed": seed,
+               **mixture_metrics(gm, x.double(), reference, seed=seed), "sample_s": round(seconds, 3)}
+        if rows:  # the truth row comes first: every other row as a multiple of its noise floor
+            row["sw2_vs_truth"] = row["sw2"] / rows[0]["sw2"]
+            row["moment_vs_truth"] = row["moment_err"] / rows[0]["moment_err"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if out:
-            np.save(out / "samples" / f"{method}_{k}.npy", x.double().numpy())
+        if samples_dir:
+            np.save(samples_dir / f"{method}_{k}.npy", x.double().numpy())
 
     record("truth", 0, gm.sample(args.n_eval, generator=g)[0], 0.0)
 
     def run_sampler(name: str, denoiser, k: int, method: str) -> None:
         t0 = time.perf_counter()
         x = sample(name, denoiser, (args.n_eval, gm.dim), k, schedule,
-                   generator=torch.Generator().manual_seed(args.seed + 1))
+                   generator=torch.Generator().manual_seed(seed + 1))
         record(method, k, x, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     teacher = lab.fit_teacher(data, schedule, width=args.width, depth=args.depth, steps=args.teacher_iters,
-                              batch=args.batch, seed=args.seed, weighting=args.weighting)
+                              batch=args.batch, lr=args.teacher_lr, seed=seed, weighting=args.weighting)
     timings = {"teacher_train_s": time.perf_counter() - t0}
     for n in args.teacher_steps:
         run_sampler("ancestral", teacher.denoiser, n, "teacher_ancestral")
+    if args.teacher_only:
+        timings["total_s"] = time.perf_counter() - start
+        return rows, timings
     for k in args.steps:
         run_sampler("ddim", teacher.denoiser, k, "teacher_ddim")
         run_sampler("ancestral", teacher.denoiser, k, "teacher_ancestral") if k not in args.teacher_steps else None
@@ -104,24 +119,73 @@ def main(argv=None) -> dict:
             student = lab.distill(
                 teacher, data, schedule, algorithm=algorithm, student_steps=k, train_steps=args.distill_iters,
                 batch=args.batch, lr_student=args.lr_student, lr_ratio=args.lr_ratio, weighting=args.weighting,
-                s_sampling=args.s_sampling, seed=args.seed,
+                s_sampling=args.s_sampling, seed=seed,
             )
             timings[f"distill_{algorithm}_{k}_s"] = time.perf_counter() - t0
             run_sampler("student", student, k, f"student_{algorithm}")
     timings["total_s"] = time.perf_counter() - start
-    result = {"spec": args.spec, "dim": gm.dim, "components": gm.num_components, "args": vars(args),
-              "rows": rows, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return rows, timings
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std (ddof 0) over seeds of every metric, one entry per (method, NFE), in first-seen order."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["nfe"]), []).append(r)
+    out = []
+    for (method, nfe), rs in groups.items():
+        entry = {"method": method, "nfe": nfe, "seeds": [r["seed"] for r in rs]}
+        for key in (*METRICS, "sw2_vs_truth", "moment_vs_truth"):
+            if key in rs[0]:
+                v = np.array([r[key] for r in rs], dtype=np.float64)
+                entry[key], entry[f"{key}_std"] = float(v.mean()), float(v.std())
+        out.append(entry)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = args.seeds or [args.seed]
+    gm = GaussianMixture.from_json(args.spec)
+    out = Path(args.out) if args.out else None
+    rows, timings_by_seed = [], {}
+    for seed in seeds:
+        samples_dir = None if out is None else out / "samples" / (f"seed{seed}" if len(seeds) > 1 else "")
+        seed_rows, timings = run_seed(args, gm, seed, samples_dir)
+        rows += seed_rows
+        timings_by_seed[str(seed)] = {k: round(v, 1) for k, v in timings.items()}
+    keys = list(timings_by_seed[str(seeds[0])])
+    mean_timings = {k: round(float(np.mean([t[k] for t in timings_by_seed.values()])), 1) for k in keys}
+    summary = summarize(rows)
+    result = {"spec": args.spec, "dim": gm.dim, "components": gm.num_components, "args": vars(args), "seeds": seeds,
+              "rows": rows, "summary": summary, "timings": mean_timings, "timings_by_seed": timings_by_seed}
     if out:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(markdown_table(rows))
-    print(json.dumps({"timings": result["timings"]}))
+    print(markdown_table(summary))
+    print(json.dumps({"timings": mean_timings, "timings_by_seed": timings_by_seed}))
     return result
 
 
+def _cell(r: dict, key: str, fmt: str) -> str:
+    if key not in r:
+        return ""
+    std = r.get(f"{key}_std")
+    many = len(r.get("seeds", [])) > 1
+    return format(r[key], fmt) + (f" ± {format(std, fmt)}" if many and std is not None else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | NFE | SW2 (lower) | mode-mass TV (lower) | log-lik (higher) |", "|---|---:|---:|---:|---:|"]
+    """Rows or summary entries; with several seeds each cell is mean ± std."""
+    lines = ["| method | NFE | SW2 (lower) | mode-mass TV (lower) | log-lik (truth's best) | moment err (lower) "
+             "| mean err | cov err | SW2 / truth | moment / truth |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['sw2']:.4f} | {r['mode_mass_tv']:.4f} | {r['loglik']:.3f} |")
+        cells = [_cell(r, "sw2", ".4f"), _cell(r, "mode_mass_tv", ".4f"), _cell(r, "loglik", ".3f"),
+                 _cell(r, "moment_err", ".4f"), _cell(r, "mean_err", ".4f"), _cell(r, "cov_err", ".4f"),
+                 _cell(r, "sw2_vs_truth", ".2f"), _cell(r, "moment_vs_truth", ".2f")]
+        lines.append(f"| {r['method']} | {r['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
