@@ -47,6 +47,7 @@ import torch
 
 from rayflow.config import JobConfig
 from rayflow.models import build_denoiser, save_state_dict
+from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.worker.state import TrainState, build_state
 
 BENCH = "train_step"
@@ -138,7 +139,8 @@ def plain_steps(
     for name in methods:
         role, algorithm = ("teacher", "alternating") if name == "teacher" else ("distill", name)
         job = JobConfig.from_dict(job_dict(args, teacher_path if role == "distill" else None, storage, algorithm))
-        timed.append(Timed(name, build_state(job, role, torch.device("cpu")), x, label))
+        precond = teacher_preconditioner(job) if role == "distill" else None
+        timed.append(Timed(name, build_state(job, role, torch.device("cpu"), precond=precond), x, label))
     for t in timed:
         t.run(args.warmup, record=False)
     for _ in range(updates // 2):

@@ -256,6 +256,11 @@ class DistillConfig:
     beta2: float = 0.99
     adam_eps: float = 1e-12
     lr_decay: str = "cosine"  # cosine | constant
+    # parameter_space's diagonal Lambda: auto = the teacher's Adam second moments when its export has them
+    # (teacher_precond.pt), else `gradient`: 1 / (sqrt(mean squared teacher-loss gradient) + 1e-8) over
+    # precond_batches batches of real data, computed on the driver once per teacher SHA-256 and cached
+    precondition: str = "auto"  # auto | adam | gradient | identity
+    precond_batches: int = 8
 
     @property
     def lr_aux(self) -> float:
@@ -272,8 +277,15 @@ class DistillConfig:
         _check_choice("distill.s_sampling", self.s_sampling, ("uniform", "mixed"))
         _check_choice("distill.jump", self.jump, ("uniform", "full"))
         _check_choice("distill.lr_decay", self.lr_decay, ("cosine", "constant"))
+        _check_choice("distill.precondition", self.precondition, PRECONDITIONS)
+        if not isinstance(self.precond_batches, int) or self.precond_batches < 1:
+            _fail("distill.precond_batches", self.precond_batches, "setting an integer >= 1 (e.g. 8)")
         if not 0.0 <= self.ema_decay < 1.0:
             _fail("distill.ema_decay", self.ema_decay, "setting a decay in [0, 1)")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECONDITIONS = ("auto", "adam", "gradient", "identity")
 
 
 @dataclass
@@ -282,14 +294,25 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines leaves CPU for Ray Data's tasks
     gpus_per_worker: float = 1.0
-    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+    # dtype of the network forwards only (autocast); differences of outputs, losses, reductions, clipping, the
+    # optimizer and the EMA always run in float32. auto = bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     torch_threads: int = 0  # per worker; 0 = torch's default
+
+    def forward_dtype(self, device_type: str):
+        """The autocast dtype of network forwards on a device type, or None for full precision."""
+        import torch  # here: the config module stays importable without loading torch
+
+        if self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda"):
+            return torch.bfloat16
+        return None
 
     def validate(self) -> None:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             _fail("resources.num_workers", self.num_workers, "setting an integer >= 1")
         _check_positive("resources.cpus_per_worker", self.cpus_per_worker)
+        _check_choice("resources.precision", self.precision, PRECISIONS)
         if self.use_gpu:
             _check_positive("resources.gpus_per_worker", self.gpus_per_worker)
 

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from rayflow.core.diffusion import Denoiser
-from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching, adam_preconditioner
+from rayflow.core.moment_matching import (
+    AlternatingMomentMatching,
+    ParameterSpaceMomentMatching,
+    adam_preconditioner,
+    rekey,
+)
 from rayflow.core.schedule import Schedule
 from rayflow.core.steps import (
     EMA,
@@ -130,6 +135,8 @@ def distill(
         schedules = [(opt_s, lr_student), (opt_a, lr_student * lr_ratio)]
     elif algorithm == "parameter_space":
         precond = adam_preconditioner(teacher.optimizer_state, teacher.param_names) if precondition else None
+        if precond is not None and target is not teacher.denoiser:  # keyed by the network the guided teacher wraps
+            precond = rekey(precond, teacher.denoiser, target)
         method = ParameterSpaceMomentMatching(schedule, student_steps, precond=precond, **kw)
         step = ParameterSpaceStep(method, target, student, opt_s, grad_clip=grad_clip, ema=ema)
         schedules = [(opt_s, lr_student)]

@@ -46,7 +46,7 @@ DIFFUSERS_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
-PRECOND_NAME = "teacher_precond.pt"  # beside a native teacher (rayflow.worker.state.TEACHER_PRECOND)
+PRECOND_NAME = "teacher_precond.pt"  # beside a native teacher: 1 / (sqrt(Adam v) + eps) by parameter name
 MAX_LISTED = 5  # mismatches listed in an error
 
 

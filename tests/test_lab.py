@@ -42,3 +42,23 @@ def test_two_step_student_moves_towards_the_truth(setting, algorithm):
     # a 2-step sampler of the teacher smears mass between the modes: low likelihood under the truth
     assert after["loglik"] > before["loglik"] + 0.5, (before, after)
     assert after["sw2"] < before["sw2"], (before, after)
+
+
+def test_parameter_space_with_a_guided_teacher_uses_the_preconditioner_of_the_wrapped_network():
+    # used to raise KeyError('denoiser.net.inp.weight'): Lambda was keyed by the unguided network's names
+    from rayflow.core.diffusion import GuidedDenoiser
+
+    torch.manual_seed(0)
+    gm = GaussianMixture.from_spec(SPEC)
+    sch = CosineSchedule()
+    data, labels = gm.sample(2_000, generator=torch.Generator().manual_seed(0))
+    from rayflow.core.diffusion import Denoiser
+    from rayflow.nets import build_net
+
+    den = Denoiser(build_net("mlp", dim=2, width=32, depth=2, num_classes=4), sch, "v")
+    teacher = lab.fit_teacher(data, sch, denoiser=den, cond=labels, cond_drop_prob=0.2, null_cond=3, steps=20,
+                              batch=64)
+    guided = GuidedDenoiser(teacher.denoiser, 1.5, null_cond=3)
+    student = lab.distill(teacher, data, sch, algorithm="parameter_space", student_steps=2, train_steps=4, batch=64,
+                          cond=labels, guided_teacher=guided)
+    assert all(torch.isfinite(p).all() for p in student.parameters())

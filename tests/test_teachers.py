@@ -17,6 +17,7 @@ from rayflow.core.adapters import EDMAdapter, VPAdapter
 from rayflow.core.diffusion import to_x_hat
 from rayflow.core.gaussian_mixture import GaussianMixture, MixtureDenoiser
 from rayflow.core.metrics import mixture_metrics
+from rayflow.core.moment_matching import gradient_preconditioner
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import LinearBetaSchedule, TableSchedule
 from rayflow.models import load_teacher
@@ -442,7 +443,14 @@ def test_student_and_aux_are_built_through_the_adapter(tmp_path, adapter, algori
                  else {"sigma_data": 0.5, "label_format": "index"})
         teacher = {"adapter": adapter, "checkpoint": path, "net": TINY_UNET, **extra}
     job = _job(teacher, data=data, distill={"algorithm": algorithm, "steps": 2})
-    state = build_state(job, "distill", torch.device("cpu"))
+    precond = None
+    if algorithm == "parameter_space":  # a foreign teacher has no Adam state: the gradient preconditioner
+        net = load_teacher(job.teacher.checkpoint, job.model, job.data, teacher=job.teacher)
+        xy = (torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+        precond = gradient_preconditioner(net, [xy], net.schedule)
+    state = build_state(job, "distill", torch.device("cpu"), precond=precond)
+    if algorithm == "parameter_space":
+        assert state.step.method.precond is not None
     base = state.step.teacher
     names = ["student", "aux"] if algorithm == "alternating" else ["student"]
     for name in names:
@@ -477,7 +485,7 @@ def test_parameters_the_network_never_uses_stay_frozen_in_student_and_aux(user_p
     for name in ("student", "aux"):
         frozen = sorted(n for n, p in state.trainables[name].named_parameters() if not p.requires_grad)
         assert frozen == ["net.logvar.bias", "net.logvar.weight"], frozen
-        assert state.trainables[name].training
+        assert not state.trainables[name].training  # dropout off while distilling (clone_trainable)
 
 
 def test_task_teacher_refuses_a_foreign_adapter(tmp_path):
@@ -539,3 +547,31 @@ def test_distilling_through_adapters_matches_the_native_student():
         assert diff < 1e-4, name
         for metric in ("loglik", "sw2", "mode_mass_tv"):
             assert scores[name][metric] == pytest.approx(scores["native"][metric], abs=2e-3), (name, metric)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_gradient_preconditioner_for_a_foreign_teacher_is_computed_once_and_cached(tmp_path):
+    from rayflow.orchestrate.precondition import gradient_precond_from_data, teacher_preconditioner
+
+    from rayflow.teachers import instantiate
+
+    spec = {**TINY_UNET, "num_classes": 11}  # digits: 10 classes and the null class
+    path = _save(instantiate(spec), tmp_path / "teacher.safetensors")
+    teacher = {"adapter": "module", "checkpoint": path, "net": spec, "prediction": "v", "schedule": "cosine"}
+    job = _job(teacher, data={"source": "digits", "resolution": 8, "channels": 1, "num_classes": 10, "batch_size": 8},
+               distill={"algorithm": "parameter_space", "steps": 2, "precond_batches": 2},
+               run={"storage_path": str(tmp_path / "runs")})
+    first = teacher_preconditioner(job)
+    cached = list((tmp_path / "runs" / "cache" / "precond").glob("gradient-*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = teacher_preconditioner(job)
+    assert cached[0].stat().st_mtime_ns == stamp  # read back, not recomputed
+    fresh = gradient_precond_from_data(job)
+    net = load_teacher(path, job.model, job.data, teacher=job.teacher)
+    assert set(first) == {k for k, _ in net.named_parameters()}
+    for k in first:
+        assert torch.equal(first[k], again[k])
+        torch.testing.assert_close(first[k], fresh[k])
+    assert all(torch.isfinite(v).all() and (v > 0).all() for v in first.values())
+

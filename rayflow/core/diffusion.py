@@ -126,6 +126,19 @@ def from_x_hat(
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
+def denoise(
+    denoiser, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x_hat = g(z_t, t, cond) with only the network's forward autocast to `dtype` (e.g. bfloat16; None: no
+    autocast). x_hat comes back in z's dtype, so differences of outputs, losses, reductions, the backward's
+    accumulation into float32 parameters, clipping, optimizer and EMA all stay in full precision."""
+    if dtype is None or dtype == z.dtype:
+        return denoiser(z, t, cond)
+    with torch.autocast(z.device.type, dtype=dtype):
+        x_hat = denoiser(z, t, cond)
+    return x_hat.to(z.dtype)
+
+
 class Denoiser(nn.Module):
     """Adapter: a network F(x_in, t, cond) predicting eps, v or x becomes g(z_t, t, cond) -> x_hat."""
 
@@ -188,12 +201,13 @@ def denoising_loss(
     cond_drop_prob: float = 0.0,
     null_cond: int | None = None,
     generator: torch.Generator | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The teacher's loss, per example (B,): w(lambda_t) ||x - g(z_t, t, c)||^2 / dim, t ~ U(0, 1).
 
     With probability `cond_drop_prob` the condition is replaced by `null_cond` (the null class index, or 0 for a
     tensor condition whose null is all zeros), so the same network learns the unconditional denoiser that
-    classifier-free guidance needs.
+    classifier-free guidance needs. `forward_dtype` autocasts the network's forward only (see `denoise`).
     """
     b = x.shape[0]
     t = torch.rand(b, generator=generator, device=x.device)
@@ -206,6 +220,6 @@ def denoising_loss(
         drop = drop.view(b, *([1] * (cond.dim() - 1)))
         cond = torch.where(drop, torch.full_like(cond, null_cond), cond)
     z_t = diffuse(x, t, eps, schedule)
-    x_hat = denoiser(z_t, t, cond)
+    x_hat = denoise(denoiser, z_t, t, cond, dtype=forward_dtype)
     w = loss_weight(schedule.logsnr(t), weighting)  # (B,)
     return w * (x - x_hat).pow(2).flatten(1).mean(1)

@@ -1,6 +1,8 @@
 """Optimisers, EMA and the training steps that own the update schedule (plain torch, no Ray).
 
-The even/odd alternation of moment matching lives here, in the step, not in the losses.
+The even/odd alternation of moment matching lives here, in the step, not in the losses. Steps run outside any
+autocast: only network forwards may run in low precision (the methods' `forward_dtype`), so the backward's
+accumulation, clipping, the optimizer and the EMA are in the parameters' float32.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clone_trainable(module: nn.Module) -> nn.Module:
-    """A trainable copy (student or aux initialised from the teacher): same architecture and weights."""
+    """A trainable copy (student or aux initialised from the teacher): same architecture and weights.
+
+    It stays in eval mode (dropout off): moment matching compares student, aux and teacher outputs on the same
+    z_s, and with independent dropout masks the student gradient is not 0 when aux = teacher, and the student
+    would train on outputs that differ from those it samples with.
+    """
     clone = copy.deepcopy(module)
     clone.requires_grad_(True)
-    clone.train()
+    clone.eval()
     return clone
 
 
@@ -102,17 +109,20 @@ class TeacherStep:
         null_cond: int | None = None,
         grad_clip: float | None = 1.0,
         ema: EMA | None = None,
+        forward_dtype: torch.dtype | None = None,
     ):
         self.denoiser, self.opt, self.schedule, self.ema = denoiser, opt, schedule, ema
         self.weighting, self.cond_drop_prob, self.null_cond, self.grad_clip = (
             weighting, cond_drop_prob, null_cond, grad_clip,
         )
+        self.forward_dtype = forward_dtype
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
 
     def __call__(self, n: int, x: torch.Tensor, cond: torch.Tensor | None, generator=None) -> dict[str, float]:
         loss = denoising_loss(
             self.denoiser, x, cond, self.schedule, weighting=self.weighting,
             cond_drop_prob=self.cond_drop_prob, null_cond=self.null_cond, generator=generator,
+            forward_dtype=self.forward_dtype,
         ).mean()
         norm = _update(loss, self.params, self.opt, self.grad_clip)
         if self.ema is not None:

@@ -12,13 +12,15 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayflow.config import JobConfig
+from rayflow.core.moment_matching import adam_preconditioner
 from rayflow.data.sources import SkipLog, SkippedFile
 from rayflow.models import save_state_dict
 from rayflow.orchestrate.datasets import source_dataset, train_dataset
 from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
 from rayflow.orchestrate.generate import eval_conditions
+from rayflow.orchestrate.precondition import PRECOND_EPS, teacher_preconditioner
+from rayflow.teachers import PRECOND_NAME
 from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
-from rayflow.worker.state import TEACHER_PRECOND
 
 
 @dataclass
@@ -47,12 +49,14 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
             reference = f.read()
         cond, labels, _ = eval_conditions(job, job.run.eval_proxy_samples)  # text: encoded here, once
         cond, labels = cond.numpy(), labels.numpy()
+    precond = teacher_preconditioner(job) if role == "distill" else None
     skip_log = SkipLog()  # the decode tasks of every epoch and restart report into it; a file counts once
     per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "role": role, "eval_reference": reference, "eval_cond": cond,
-                           "eval_labels": labels},
+                           "eval_labels": labels,
+                           "teacher_precond": None if precond is None else ray.put(precond)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker
         ),
@@ -139,13 +143,10 @@ def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
     weights = state["ema"]["module"]
     path = os.path.join(out_dir, "teacher.pt")
     digest = save_state_dict(weights, path)
-    opt = state["optimizers"]["teacher"]
+    # parameters are the floating-point state entries in registration order (buffers: none in rayflow's nets)
     names = [k for k in state["models"]["teacher"] if k in weights and weights[k].is_floating_point()]
-    order = [i for g in opt["param_groups"] for i in g["params"]]
-    if len(order) == len(names):
-        v = {n: opt["state"][i]["exp_avg_sq"] for i, n in zip(order, names) if i in opt["state"]}
-        if len(v) == len(names):
-            save_state_dict({n: 1.0 / (t.sqrt() + 1e-8) for n, t in v.items()}, os.path.join(out_dir, TEACHER_PRECOND))
+    precond = adam_preconditioner(state["optimizers"]["teacher"], names, eps=PRECOND_EPS)  # raises on a mismatch
+    save_state_dict(precond, os.path.join(out_dir, PRECOND_NAME))
     return path, digest
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -115,7 +114,8 @@ def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int, le
 
 def train_loop_per_worker(config: dict) -> dict:
     """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill", "eval_reference": bytes | None,
-    "eval_cond", "eval_labels": the in-training evaluation's conditions and classes (arrays) when it runs}."""
+    "eval_cond", "eval_labels": the in-training evaluation's conditions and classes (arrays) when it runs,
+    "teacher_precond": the parameter-space preconditioner (an ObjectRef of a name -> tensor dict) or None}."""
     job = JobConfig.from_dict(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -125,18 +125,15 @@ def train_loop_per_worker(config: dict) -> dict:
     # Initial weights from the run's seed, not torch's per-process random one: two runs of a job start alike, so an
     # interrupted run can be checked against an uninterrupted one. (DDP gives every rank rank 0's weights.)
     torch.manual_seed(_seed(job.run.seed, rank))
-    state = build_state(job, config["role"], device, wrap=ray.train.torch.prepare_model)
+    precond = config.get("teacher_precond")
+    precond = ray.get(precond) if isinstance(precond, ray.ObjectRef) else precond
+    state = build_state(job, config["role"], device, wrap=ray.train.torch.prepare_model, precond=precond)
     ledger = restore(state)
     resumed = ledger is not None
     ledger = ledger or DataLedger()
     c = state.counters
     start_images = c.images_seen
     per_worker = job.data.batch_size // world
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and job.resources.bf16
-        else contextlib.nullcontext()
-    )
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -161,8 +158,7 @@ def train_loop_per_worker(config: dict) -> dict:
             ledger.add(x, slot=c.updates * world + rank)
             g = torch.Generator(device=device).manual_seed(_seed(job.run.seed, rank, c.updates))
             state.set_learning_rates()
-            with autocast:
-                metrics = state.step(c.updates, x, label, g)
+            metrics = state.step(c.updates, x, label, g)  # low precision, if any, only inside network forwards
             for k, v in metrics.items():
                 if not math.isfinite(v):
                     raise FloatingPointError(

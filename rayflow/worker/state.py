@@ -5,14 +5,18 @@ The frozen teacher is reloaded from its own file on every start and never enters
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from rayflow.config import JobConfig
-from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching
+from rayflow.core.moment_matching import (
+    AlternatingMomentMatching,
+    ParameterSpaceMomentMatching,
+    all_reduce_mean,
+    rekey,
+)
 from rayflow.core.steps import (
     EMA,
     AlternatingStep,
@@ -27,7 +31,6 @@ from rayflow.models import build_denoiser, guided, load_teacher
 from rayflow.teachers import freeze_unused
 
 ROLES = ("teacher", "distill")
-TEACHER_PRECOND = "teacher_precond.pt"  # beside an exported teacher: 1 / (sqrt(Adam v) + eps) by parameter name
 
 
 @dataclass
@@ -96,11 +99,15 @@ def _trainable_copy(base: nn.Module, job: JobConfig) -> nn.Module:
     return module
 
 
-def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: m) -> TrainState:
-    """Build the role's networks on `device`; `wrap` is DDP preparation (ray.train.torch.prepare_model)."""
+def build_state(
+    job: JobConfig, role: str, device: torch.device, wrap=lambda m: m, *, precond: dict | None = None
+) -> TrainState:
+    """Build the role's networks on `device`; `wrap` is DDP preparation (ray.train.torch.prepare_model);
+    `precond` the parameter-space preconditioner keyed by the teacher network's parameter names."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose one of {ROLES}")
     updates = lambda images: max(1, images // job.data.batch_size)  # noqa: E731
+    forward_dtype = job.resources.forward_dtype(torch.device(device).type)
     if role == "teacher":
         if job.teacher.adapter != "native":
             raise ValueError(
@@ -119,6 +126,7 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
             cond_drop_prob=t.cond_drop_prob,
             null_cond=job.data.null_condition,
             ema=ema,
+            forward_dtype=forward_dtype,
         )
         return TrainState(
             role,
@@ -139,7 +147,7 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
     student = wrap(_trainable_copy(base, job))
     ema = EMA(student, d.ema_decay)
     opt_s = make_adam(student.parameters(), d.lr_student, betas=(d.beta1, d.beta2), eps=d.adam_eps)
-    kw = dict(weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump)
+    kw = dict(weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, forward_dtype=forward_dtype)
     if d.algorithm == "alternating":
         aux = wrap(_trainable_copy(base, job))
         opt_a = make_adam(aux.parameters(), d.lr_aux, betas=(d.beta1, d.beta2), eps=d.adam_eps)
@@ -154,17 +162,14 @@ def build_state(job: JobConfig, role: str, device: torch.device, wrap=lambda m: 
             updates(d.train_images),
             d.lr_decay,
         )
-    precond_path = os.path.join(os.path.dirname(job.teacher.checkpoint), TEACHER_PRECOND)
-    # only rayflow's own teacher export writes the preconditioner; foreign teachers get the identity
-    native = job.teacher.adapter == "native"
-    precond = (
-        torch.load(precond_path, map_location=device, weights_only=True)
-        if native and os.path.isfile(precond_path)
-        else None
-    )
-    if precond is not None and job.teacher.guidance_scale > 0:
-        precond = {f"denoiser.{k}": v for k, v in precond.items()}
-    method = ParameterSpaceMomentMatching(base.schedule, d.steps, precond=precond, **kw)
+    if precond is not None:  # keyed by the teacher network; the guided teacher wraps it
+        precond = rekey({k: v.to(device) for k, v in precond.items()}, base, teacher)
+    elif d.precondition != "identity":
+        raise ValueError(
+            f"distill.precondition={d.precondition!r} but the worker got no preconditioner; FIX THIS by launching "
+            "through rayflow.orchestrate (it computes one), or setting distill.precondition=identity"
+        )
+    method = ParameterSpaceMomentMatching(base.schedule, d.steps, precond=precond, grad_reduce=all_reduce_mean, **kw)
     step = ParameterSpaceStep(method, teacher, student, opt_s, grad_clip=d.grad_clip, ema=ema)
     return TrainState(
         role, {"student": student}, {"student": (opt_s, d.lr_student)}, ema, step, updates(d.train_images), d.lr_decay

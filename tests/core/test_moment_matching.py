@@ -192,3 +192,114 @@ def test_parameter_space_step_moves_only_the_student():
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in s0.items())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def _unet_denoiser(seed=0, dropout=0.3):
+    torch.manual_seed(seed)
+    net = build_net("unet", in_channels=1, channels=8, channel_mult=(1, 2), attn_levels=(), num_classes=3,
+                    dropout=dropout)
+    return Denoiser(net, SCH, "v")
+
+
+def test_student_gradient_is_exactly_zero_at_init_for_a_teacher_with_dropout():
+    # aux = student = teacher at initialisation: g_phi - g_theta = 0, so the student gradient must be exactly 0.
+    # With dropout active in the clones (independent masks) it was ~1e-2.
+    teacher = freeze(_unet_denoiser(dropout=0.3))
+    student, aux = clone_trainable(teacher), clone_trainable(teacher)
+    assert not student.training and not aux.training and all(p.requires_grad for p in student.parameters())
+    mm = AlternatingMomentMatching(SCH, steps=4)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    r = mm.rollout(student, x, y, torch.Generator().manual_seed(0))
+    mm.student_loss(r, aux, teacher, y).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().max().item() == 0.0 for p in student.parameters())
+    # and the student trains on the outputs it samples with
+    torch.testing.assert_close(r.x_tilde, student(r.z_t, r.t, y), rtol=0, atol=0)
+
+
+def _record_matmul_dtypes(module):
+    seen = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_bf16_forward_keeps_differences_losses_and_updates_in_float32():
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(teacher), clone_trainable(_denoiser(3))
+    seen = _record_matmul_dtypes(aux)
+    mm = AlternatingMomentMatching(SCH, steps=2, forward_dtype=torch.bfloat16)
+    ema = EMA(student, decay=0.5)
+    opt_s, opt_a = make_adam(student.parameters(), 1e-3), make_adam(aux.parameters(), 1e-3)
+    step = AlternatingStep(mm, teacher, student, aux, opt_s, opt_a, ema=ema)
+    x = torch.randn(32, 3)
+    step(0, x, None, torch.Generator().manual_seed(0))
+    step(1, x, None, torch.Generator().manual_seed(1))
+    assert seen and set(seen) == {torch.bfloat16}  # the network forward ran in bf16 ...
+    r = mm.rollout(student, x, None, torch.Generator().manual_seed(2))
+    assert r.x_tilde.dtype == torch.float32  # ... its output, the losses and their reductions in fp32
+    loss = mm.student_loss(r, aux, teacher, None)
+    assert loss.dtype == torch.float32 and mm.aux_loss(r, aux, teacher, None).dtype == torch.float32
+    # the direction is the float32 difference of the two forwards (not a bf16-rounded difference)
+    with torch.no_grad():
+        a = mm._g(aux, r.z_s, r.s, None)
+        t = mm._g(teacher, r.z_s, r.s, None)
+    torch.testing.assert_close(loss.detach(), r.weight * (r.x_tilde.detach() * (a - t)).mean(1), rtol=0, atol=0)
+    for opt in (opt_s, opt_a):
+        for st in opt.state.values():
+            assert st["exp_avg_sq"].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())
+    assert all(p.grad.dtype == torch.float32 for p in student.parameters() if p.grad is not None)
+
+
+def test_bf16_forward_runs_the_parameter_space_gradient_and_jvp():
+    teacher = freeze(_denoiser(0))
+    student = clone_trainable(teacher)
+    mm = ParameterSpaceMomentMatching(SCH, steps=2, forward_dtype=torch.bfloat16)
+    loss = mm.student_loss(student, teacher, torch.randn(16, 3), None, torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    ref = ParameterSpaceMomentMatching(SCH, steps=2).student_loss(
+        student, teacher, torch.randn(16, 3), None, torch.Generator().manual_seed(0))
+    assert loss.shape == ref.shape
+
+
+def test_gradient_preconditioner_is_inverse_root_mean_squared_teacher_loss_gradient():
+    from rayflow.core.diffusion import denoising_loss
+    from rayflow.core.moment_matching import gradient_preconditioner
+
+    teacher = freeze(_denoiser(0, dtype=torch.float64))
+    batches = [(torch.randn(16, 3, dtype=torch.float64), None) for _ in range(3)]
+    pre = gradient_preconditioner(teacher, batches, SCH, weighting="snr_plus_one", eps=1e-8,
+                                  generator=torch.Generator().manual_seed(0))
+    # reference: plain autograd on a trainable copy, same noise draws
+    ref_net = copy.deepcopy(teacher).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    sq = {k: torch.zeros_like(v) for k, v in ref_net.named_parameters()}
+    for x, _ in batches:
+        ref_net.zero_grad()
+        denoising_loss(ref_net, x, None, SCH, weighting="snr_plus_one", generator=g).mean().backward()
+        for k, p in ref_net.named_parameters():
+            sq[k] += p.grad.pow(2) / len(batches)
+    for k, v in sq.items():
+        torch.testing.assert_close(pre[k], 1.0 / (v.sqrt() + 1e-8))
+    with pytest.raises(ValueError, match="at least one batch"):
+        gradient_preconditioner(teacher, [], SCH)
+
+
+def test_preconditioner_rekeyed_onto_a_guided_teacher():
+    from rayflow.core.diffusion import GuidedDenoiser
+    from rayflow.core.moment_matching import rekey
+
+    base = freeze(_denoiser(0, num_classes=3))
+    guided = GuidedDenoiser(base, 2.0, null_cond=3)
+    pre = {k: torch.rand_like(v) for k, v in base.named_parameters()}
+    moved = rekey(pre, base, guided)
+    assert set(moved) == {k for k, _ in guided.named_parameters()}
+    assert all(torch.equal(moved[f"denoiser.{k}"], v) for k, v in pre.items())
+    mm = ParameterSpaceMomentMatching(SCH, steps=2, precond=pre)
+    with pytest.raises(KeyError, match="rekey"):  # the old crash, now a message that says what to do
+        mm.student_loss(clone_trainable(base), guided, torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    mm.precond = moved
+    mm.student_loss(clone_trainable(base), guided, torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    with pytest.raises(KeyError, match="no preconditioner entry"):
+        rekey(pre, _denoiser(1, num_classes=3), guided)

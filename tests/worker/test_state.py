@@ -5,9 +5,11 @@ import torch
 
 from rayflow.config import JobConfig
 from rayflow.models import save_state_dict
+from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.orchestrate.training import export_student, export_teacher
+from rayflow.teachers import PRECOND_NAME as TEACHER_PRECOND
 from rayflow.worker.loop import STATE_FILE
-from rayflow.worker.state import TEACHER_PRECOND, build_state
+from rayflow.worker.state import build_state
 
 TINY = {"data": {"source": "digits", "resolution": 8, "batch_size": 8},
         "model": {"channels": 8, "channel_mult": [1, 2], "attn_levels": []}}
@@ -54,15 +56,17 @@ def test_teacher_export_holds_ema_weights_and_preconditioner(exported_teacher, t
 def test_distill_state_round_trips_through_a_checkpoint(exported_teacher, tmp_path, algorithm):
     _, path, digest = exported_teacher
     job = _job(teacher__checkpoint=path, teacher__sha256=digest, distill__algorithm=algorithm, distill__steps=2)
-    a = build_state(job, "distill", torch.device("cpu"))
+    precond = teacher_preconditioner(job)  # parameter_space: read from teacher_precond.pt beside the teacher
+    assert (precond is not None) == (algorithm == "parameter_space")
+    a = build_state(job, "distill", torch.device("cpu"), precond=precond)
     if algorithm == "parameter_space":
-        assert a.step.method.precond is not None  # read from teacher_precond.pt beside the teacher
+        assert a.step.method.precond is not None
     x, y = _batch()
     for n in range(4):
         a.step(n, x, y)
         a.counters.updates += 1
     save_state_dict(a.state_dict(), tmp_path / "s.pt")
-    b = build_state(job, "distill", torch.device("cpu"))
+    b = build_state(job, "distill", torch.device("cpu"), precond=precond)
     b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert b.counters == a.counters
     for name in a.trainables:
@@ -97,3 +101,39 @@ def test_teacher_checkpoint_errors_are_clear(exported_teacher, tmp_path):
     with pytest.raises(FileNotFoundError, match="task=teacher"):
         build_state(_job(teacher__checkpoint=str(tmp_path / "nope.pt")), "distill", torch.device("cpu"))
 
+
+
+def test_precision_bf16_autocasts_only_the_forwards_on_cpu(exported_teacher):
+    _, path, digest = exported_teacher
+    job = _job(teacher__checkpoint=path, teacher__sha256=digest, distill__steps=2, resources__precision="bf16")
+    state = build_state(job, "distill", torch.device("cpu"))
+    assert state.step.method.forward_dtype == torch.bfloat16
+    x, y = _batch()
+    for n in range(2):
+        m = state.step(n, x, y, torch.Generator().manual_seed(n))
+        assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+    for opt, _ in state.optimizers.values():
+        assert all(s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
+    fp32 = build_state(_job(teacher__checkpoint=path, resources__precision="auto"), "distill", torch.device("cpu"))
+    assert fp32.step.method.forward_dtype is None  # auto: full precision on CPU, bf16 on GPU
+    assert job.resources.forward_dtype("cuda") == torch.bfloat16
+
+
+def test_parameter_space_without_a_preconditioner_is_an_error_unless_identity(exported_teacher):
+    _, path, _ = exported_teacher
+    with pytest.raises(ValueError, match="distill.precondition=identity"):
+        build_state(_job(teacher__checkpoint=path, distill__algorithm="parameter_space"), "distill",
+                    torch.device("cpu"))
+    job = _job(teacher__checkpoint=path, distill__algorithm="parameter_space", distill__precondition="identity")
+    assert teacher_preconditioner(job) is None
+    assert build_state(job, "distill", torch.device("cpu")).step.method.precond is None
+
+
+def test_adam_preconditioner_requested_for_a_teacher_without_one_is_an_error(exported_teacher, tmp_path):
+    _, path, _ = exported_teacher
+    bare = tmp_path / "bare" / "teacher.pt"
+    bare.parent.mkdir()
+    bare.write_bytes(open(path, "rb").read())
+    job = _job(teacher__checkpoint=str(bare), distill__algorithm="parameter_space", distill__precondition="adam")
+    with pytest.raises(ValueError, match="distill.precondition=gradient"):
+        teacher_preconditioner(job)
