@@ -28,6 +28,7 @@ from rayflow.core.steps import (
     cosine_lr,
     freeze,
     make_adam,
+    scheduled_lr,
     set_lr,
 )
 from rayflow.nets import build_net
@@ -108,6 +109,9 @@ def distill(
     s_sampling: str = "mixed",
     precondition: bool = True,
     grad_clip: float = 1.0,
+    lr_schedule: str = "cosine",
+    warmup: int = 0,
+    aux_teacher_weight: float = 1.0,
     seed: int = 0,
     cond: torch.Tensor | None = None,
     guided_teacher: nn.Module | None = None,
@@ -116,7 +120,8 @@ def distill(
     """Distil a `student_steps`-step student from the teacher; returns the student's EMA, frozen.
 
     algorithm: 'alternating' (aux + student, 1:1, lr_aux = lr_ratio * lr_student) or 'parameter_space'.
-    `train_steps` counts optimizer updates of any network; the learning rates decay on a cosine. `cond` (N, ...)
+    `train_steps` counts optimizer updates of any network; the learning rates follow `lr_schedule` ('cosine',
+    'linear' or 'constant') after `warmup` updates. `cond` (N, ...)
     conditions each example; `guided_teacher` (the teacher under classifier-free guidance) replaces the teacher in
     the moment-matching targets, while student and aux start from the unguided teacher's weights.
     """
@@ -130,7 +135,7 @@ def distill(
     if algorithm == "alternating":
         aux = clone_trainable(teacher.denoiser)
         opt_a = make_adam(aux.parameters(), lr_student * lr_ratio)
-        method = AlternatingMomentMatching(schedule, student_steps, **kw)
+        method = AlternatingMomentMatching(schedule, student_steps, aux_teacher_weight=aux_teacher_weight, **kw)
         step = AlternatingStep(method, target, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
         schedules = [(opt_s, lr_student), (opt_a, lr_student * lr_ratio)]
     elif algorithm == "parameter_space":
@@ -145,6 +150,6 @@ def distill(
     gd = _noise_generator(g, seed + 1, device)
     for i, (x, c) in zip(range(train_steps), _batches(data.float(), cond, batch, g, device)):
         for opt, base in schedules:
-            set_lr(opt, cosine_lr(base, i, train_steps))
+            set_lr(opt, scheduled_lr(lr_schedule, base, i, train_steps, warmup=warmup))
         step(i, x, c, gd)
     return freeze(ema.module)

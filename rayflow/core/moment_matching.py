@@ -118,14 +118,24 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class AlternatingMomentMatching(_MomentMatchingBase):
-    """Algorithm 1: an aux denoiser tracks E_student[x_tilde | z_s]; the student moves it onto the teacher's."""
+    """Algorithm 1: an aux denoiser tracks E_student[x_tilde | z_s]; the student moves it onto the teacher's.
+
+    `aux_teacher_weight` scales the aux loss's stabilising teacher term (1 in the paper; 0 drops it).
+    """
+
+    def __init__(self, schedule: Schedule, steps: int, *, aux_teacher_weight: float = 1.0, **kw):
+        super().__init__(schedule, steps, **kw)
+        self.aux_teacher_weight = float(aux_teacher_weight)
 
     def aux_loss(self, r: Rollout, aux: nn.Module, teacher: nn.Module, cond: torch.Tensor | None) -> torch.Tensor:
-        """L_phi = w(s) (||sg(x_tilde) - g_phi(z_s)||^2 + ||sg(g_theta(z_s)) - g_phi(z_s)||^2), (B,)."""
-        with torch.no_grad():
-            x_teacher = self._g(teacher, r.z_s, r.s, cond)
+        """L_phi = w(s) (||sg(x_tilde) - g_phi(z_s)||^2 + c ||sg(g_theta(z_s)) - g_phi(z_s)||^2), (B,), c = 1."""
         x_aux = self._g(aux, r.z_s, r.s, cond)
-        return r.weight * (_sqnorm(r.x_tilde.detach() - x_aux) + _sqnorm(x_teacher - x_aux))
+        loss = _sqnorm(r.x_tilde.detach() - x_aux)
+        if self.aux_teacher_weight:
+            with torch.no_grad():
+                x_teacher = self._g(teacher, r.z_s, r.s, cond)
+            loss = loss + self.aux_teacher_weight * _sqnorm(x_teacher - x_aux)
+        return r.weight * loss
 
     def student_loss(
         self, r: Rollout, aux: nn.Module, teacher: nn.Module, cond: torch.Tensor | None

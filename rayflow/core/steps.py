@@ -33,6 +33,27 @@ def cosine_lr(base: float, i: int, total: int, *, warmup: int = 0) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(i, total) / max(total, 1)))
 
 
+def linear_lr(base: float, i: int, total: int, *, warmup: int = 0) -> float:
+    """Linear warm-up over `warmup` updates, then linear decay from `base` to 0 at update `total`."""
+    if warmup and i < warmup:
+        return base * (i + 1) / warmup
+    return base * max(0.0, 1.0 - (min(i, total) - warmup) / max(total - warmup, 1))
+
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def scheduled_lr(kind: str, base: float, i: int, total: int, *, warmup: int = 0) -> float:
+    """The learning rate of update i under `kind` ('cosine', 'linear' or 'constant', each after a warm-up)."""
+    if kind == "cosine":
+        return cosine_lr(base, i, total, warmup=warmup)
+    if kind == "linear":
+        return linear_lr(base, i, total, warmup=warmup)
+    if kind == "constant":
+        return base * (i + 1) / warmup if warmup and i < warmup else base
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {LR_SCHEDULES}")
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr

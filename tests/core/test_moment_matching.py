@@ -303,3 +303,28 @@ def test_preconditioner_rekeyed_onto_a_guided_teacher():
     mm.student_loss(clone_trainable(base), guided, torch.randn(8, 3), torch.randint(0, 3, (8,)))
     with pytest.raises(KeyError, match="no preconditioner entry"):
         rekey(pre, _denoiser(1, num_classes=3), guided)
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_zero():
+    from rayflow.core.steps import scheduled_lr
+
+    assert scheduled_lr("linear", 1.0, 0, 100, warmup=10) == pytest.approx(0.1)
+    assert scheduled_lr("linear", 1.0, 10, 100, warmup=10) == pytest.approx(1.0)
+    assert scheduled_lr("linear", 1.0, 55, 100, warmup=10) == pytest.approx(0.5)
+    assert scheduled_lr("linear", 1.0, 100, 100, warmup=10) == 0.0
+    assert scheduled_lr("cosine", 2.0, 50, 100) == pytest.approx(1.0)
+    assert scheduled_lr("constant", 2.0, 99, 100, warmup=10) == 2.0
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_lr("step", 1.0, 0, 10)
+
+
+def test_aux_teacher_term_weight():
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(_denoiser(1)), clone_trainable(_denoiser(2))
+    r = AlternatingMomentMatching(SCH, steps=2).rollout(student, torch.randn(8, 3), None)
+    with torch.no_grad():
+        a, t = aux(r.z_s, r.s, None), teacher(r.z_s, r.s, None)
+        first, second = (r.x_tilde - a).pow(2).mean(1), (t - a).pow(2).mean(1)
+    for c in (0.0, 0.5, 1.0):
+        got = AlternatingMomentMatching(SCH, steps=2, aux_teacher_weight=c).aux_loss(r, aux, teacher, None)
+        torch.testing.assert_close(got.detach(), r.weight * (first + c * second))

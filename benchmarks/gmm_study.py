@@ -1,0 +1,170 @@
+"""What moves the k-step student on Gaussian mixtures: one distillation knob at a time, several seeds (CPU).
+
+Per spec and seed: the data, the reference sample and the teacher are those of `gmm_quality.py` at its defaults
+(same sizing flags, same seeds); the teacher's 256-step ancestral sampler and k-step DDIM are scored, then one
+student per variant below (each changes one knob of the baseline) is distilled at each k and scored. Each
+student's component-wise moment error and SW2 are divided by the same seed's 256-step teacher (and, for
+`--ddim-ratio`, by k-step DDIM), then averaged over seeds: mean ± std.
+
+    python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
+    python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
+
+Prints one JSON line per scored row, then a markdown table per spec and k; --out writes rows.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import time
+from pathlib import Path
+
+import gmm_quality
+import torch
+
+from rayflow import lab
+from rayflow.core.gaussian_mixture import GaussianMixture
+from rayflow.core.metrics import mixture_metrics
+from rayflow.core.samplers import sample
+from rayflow.core.schedule import CosineSchedule
+
+HERE = Path(__file__).resolve().parent
+
+# Each variant changes the baseline (lab.distill's keywords) in one knob. "x4" multiplies the updates.
+VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "uniform_s": {"s_sampling": "uniform"},
+    "no_ema": {"ema_decay": 0.0},
+    "ema_0.999": {"ema_decay": 0.999},
+    "lr_x3": {"lr_scale": 3.0},
+    "lr_div3": {"lr_scale": 1 / 3},
+    "lr_ratio_2": {"lr_ratio": 2.0},
+    "lr_ratio_0.5": {"lr_ratio": 0.5},
+    "linear_warmup": {"lr_schedule": "linear", "warmup": 100},
+    "no_aux_teacher_term": {"aux_teacher_weight": 0.0},
+    "weight_one": {"weighting": "one"},
+    "updates_x4": {"updates_scale": 4},
+    "batch_x4": {"batch_scale": 4},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--specs", default="gmm2d,gmm16d", help="spec names under benchmarks/specs (or JSON paths)")
+    p.add_argument("--seeds", type=gmm_quality._ints, default=[0, 1, 2])
+    p.add_argument("--k", type=gmm_quality._ints, default=[8], help="student step counts")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--algorithm", default="alternating")
+    p.add_argument("--n-eval", type=int, default=10_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--base-args", default="", help="gmm_quality.py flags for the teacher and the baseline, "
+                   "e.g. '--distill-iters 2400 --teacher-iters 6000' (default: its defaults)")
+    p.add_argument("--out", default=None, help="write rows.jsonl here")
+    return p.parse_args(argv)
+
+
+def spec_path(name: str) -> str:
+    return name if name.endswith(".json") else str(HERE / "specs" / f"{name}.json")
+
+
+def distill_kwargs(base: argparse.Namespace, variant: dict) -> dict:
+    """lab.distill keywords of a variant, from gmm_quality's defaults."""
+    v = dict(variant)
+    lr_scale, updates, batch = v.pop("lr_scale", 1.0), v.pop("updates_scale", 1), v.pop("batch_scale", 1)
+    return {"train_steps": base.distill_iters * updates, "batch": base.batch * batch,
+            "lr_student": base.lr_student * lr_scale, "lr_ratio": base.lr_ratio, "weighting": base.weighting,
+            "s_sampling": base.s_sampling, **v}
+
+
+def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
+    base = gmm_quality.parse_args(shlex.split(args.base_args))  # the benchmark's teacher and baseline
+    gm = GaussianMixture.from_json(spec_path(spec))
+    schedule = CosineSchedule()
+    g = torch.Generator().manual_seed(seed)
+    data, _ = gm.sample(base.n_train, generator=g)
+    reference, _ = gm.sample(args.n_eval, generator=g)
+
+    def score(method: str, k: int, den, sampler: str, **extra) -> dict:
+        x = sample(sampler, den, (args.n_eval, gm.dim), k, schedule, generator=torch.Generator().manual_seed(seed + 1))
+        row = {"spec": spec, "seed": seed, "method": method, "k": k,
+               **mixture_metrics(gm, x.double(), reference, seed=seed), **extra}
+        emit(row)
+        return row
+
+    t0 = time.perf_counter()
+    teacher = lab.fit_teacher(data, schedule, width=base.width, depth=base.depth, steps=base.teacher_iters,
+                              batch=base.batch, lr=base.teacher_lr, seed=seed, weighting=base.weighting)
+    score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
+    for k in args.k:
+        score("ddim", k, teacher.denoiser, "ddim")
+        for name in args.variants.split(","):
+            t0 = time.perf_counter()
+            student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
+                                  **distill_kwargs(base, VARIANTS[name]))
+            score(name, k, student, "student", train_s=round(time.perf_counter() - t0, 1))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256 and DDIM-k."""
+    ref = {(r["spec"], r["seed"]): r for r in rows if r["method"] == "teacher_256"}
+    ddim = {(r["spec"], r["seed"], r["k"]): r for r in rows if r["method"] == "ddim"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "teacher_256":
+            groups.setdefault((r["spec"], r["k"], r["method"]), []).append(r)
+    out = []
+    for (spec, k, method), rs in groups.items():
+        row = {"spec": spec, "k": k, "method": method, "seeds": len(rs)}
+        for metric in ("moment_err", "sw2"):
+            for name, base in (("teacher", ref), ("ddim", ddim)):
+                vals = [r[metric] / base[(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k)][metric]
+                        for r in rs]
+                row[f"{metric}_vs_{name}"] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        out.append(row)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = []
+    for spec, k in sorted({(r["spec"], r["k"]) for r in summary}):
+        lines += [f"\n{spec}, k = {k} (mean ± std over seeds; < 1 is better than the reference)\n",
+                  "| variant | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k | SW2 / DDIM-k |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in [r for r in summary if r["spec"] == spec and r["k"] == k]:
+            cells = [f"{m:.2f} ± {s:.2f}" for m, s in (r["moment_err_vs_teacher"], r["sw2_vs_teacher"],
+                                                        r["moment_err_vs_ddim"], r["sw2_vs_ddim"])]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    rows: list[dict] = []
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            with open(out / "rows.jsonl", "a") as f:
+                f.write(line + "\n")
+
+    for spec in args.specs.split(","):
+        for seed in args.seeds:
+            run_spec_seed(spec, seed, args, emit)
+    summary = summarize(rows)
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
