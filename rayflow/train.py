@@ -41,12 +41,23 @@ def config_or_exit(parse, cfg: DictConfig):
         sys.exit(2)
 
 
+def exit_on_user_error(fn, *args):
+    """fn(*args), or exit 2 with one line when another driver holds the run's lease (no traceback)."""
+    from rayflow.orchestrate.lease import LeaseHeld
+
+    try:
+        return fn(*args)
+    except LeaseHeld as e:
+        print(f"rayflow: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     job = config_or_exit(job_from_hydra, cfg)
     from rayflow.orchestrate.jobs import run_job  # Ray and torch load only for a valid config
 
-    out = run_job(job)
+    out = exit_on_user_error(run_job, job)
     summary = {k: v for k, v in out.items() if k != "metrics"}
     print(json.dumps({"metrics": out.get("metrics", {}), **summary}, indent=2, default=str))
     print(

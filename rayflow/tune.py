@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rayflow.config import JobConfig, SweepConfig
-from rayflow.train import config_or_exit, plain
+from rayflow.train import config_or_exit, exit_on_user_error, plain
 
 
 def configs_from_hydra(cfg: DictConfig) -> tuple[JobConfig, SweepConfig]:
@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     job, sweep = config_or_exit(configs_from_hydra, cfg)
     from rayflow.orchestrate.sweep import run_sweep  # Ray and torch load only for a valid config
 
-    out = run_sweep(job, sweep)
+    out = exit_on_user_error(run_sweep, job, sweep)
     table = out.pop("report", {}).get("table")
     print(json.dumps(out, indent=2, default=str))
     if table:

@@ -138,3 +138,43 @@ def test_skipped_files_reach_mlflow_as_a_count_and_a_list(ray_cluster, tmp_path)
     local = client.download_artifacts(out["run_id"], "data/skipped-teacher.json", str(tmp_path))
     listed = json.loads(Path(local).read_text())
     assert [Path(s["path"]).name for s in listed] == ["broken.jpg"] and listed[0]["reason"]
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    assert proc.poll() is None, "the first run ended before the check; make it longer"
+
+
+def test_second_driver_of_the_same_run_is_refused_and_the_first_is_unharmed(ray_cluster, tmp_path):
+    cmd = _train_cmd(tmp_path, "task=teacher", "run.name=twice", "teacher.train_images=3072")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ray_cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    _wait_for(lambda: (tmp_path / "runs" / "twice" / "lease.json").exists(), first)
+    t0 = time.perf_counter()
+    second = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-3000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith("rayflow: run 'twice'") and f"pid {first.pid}" in line and "FIX THIS" in line
+    assert "Traceback" not in second.stderr
+    print(f"refused in {time.perf_counter() - t0:.1f} s: {line}")
+    out, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, out[-5000:]
+    assert _summary(out)["teacher_train"]["images_seen"] == 3072
+    assert not (tmp_path / "runs" / "twice" / "lease.json").exists()
+
+
+def test_rerun_after_kill_9_of_the_driver_takes_the_lease_over_and_resumes(ray_cluster, tmp_path):
+    cmd = _train_cmd(tmp_path, "task=teacher", "run.name=killed", "teacher.train_images=6144",
+                     "run.checkpoint_every_images=1024", "run.report_every_images=1024")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ray_cluster["env"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for(lambda: bool(list((tmp_path / "runs" / "killed-teacher").glob("checkpoint_*"))), proc)
+    proc.send_signal(signal.SIGKILL)  # no cleanup at all: the lease file stays behind
+    proc.wait()
+    assert (tmp_path / "runs" / "killed" / "lease.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    train = _summary(done.stdout)["teacher_train"]
+    assert train["resumed"] is True and train["images_seen"] == 6144 and train["updates"] == 6144 // 64

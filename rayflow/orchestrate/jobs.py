@@ -13,6 +13,7 @@ import torch
 from rayflow import track
 from rayflow.config import JobConfig
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
+from rayflow.orchestrate.lease import hold
 from rayflow.orchestrate.training import BEST_METRIC, export_student, export_teacher, run_training
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,15 @@ def resolve_teacher(job: JobConfig, run_id: str, export_dir: str, out: dict) -> 
 
 
 def run_job(job: JobConfig) -> dict:
-    """Run job.task ('demo', 'teacher' or 'distill'); returns the final metrics and the artifact paths."""
+    """Run job.task ('demo', 'teacher' or 'distill'); returns the final metrics and the artifact paths.
+
+    Holds the run's lease throughout (`lease.hold`): a second driver of the same run.name is refused before it
+    starts Ray or touches MLflow; LeaseHeld says who holds it."""
+    with hold(job.run.absolute_storage(), job.run.name):
+        return _run_job(job)
+
+
+def _run_job(job: JobConfig) -> dict:
     ensure_ray()
     t_start = time.perf_counter()
     uri = job.tracking.resolved_uri()

@@ -20,6 +20,7 @@ from ray import tune
 from rayflow import track
 from rayflow.config import ConfigError, JobConfig, SweepConfig, with_overrides
 from rayflow.orchestrate.jobs import ensure_ray, evaluate_and_log, resolve_teacher, train_and_export
+from rayflow.orchestrate.lease import hold
 from rayflow.orchestrate.report import (
     KEYS_TAG,
     OVERRIDES_TAG,
@@ -144,7 +145,14 @@ def _check_same_sweep(path: str, launched: dict) -> None:
 
 
 def run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
-    """Launch or resume the sweep; returns {"parent_run_id", "complete", "report", "trials", "wall_s", ...}."""
+    """Launch or resume the sweep; returns {"parent_run_id", "complete", "report", "trials", "wall_s", ...}.
+
+    The sweep's lease (sweep.name in run.storage_path) is held throughout; its trials take none."""
+    with hold(job.run.absolute_storage(), sweep.name):
+        return _run_sweep(job, sweep)
+
+
+def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
     ensure_ray()
     # Training reports carry the evaluation metric only every run.eval_every_images; the scheduler skips
     # the others, which Tune's strict check would turn into an error.
