@@ -552,7 +552,6 @@ def test_distilling_through_adapters_matches_the_native_student():
 @pytest.mark.usefixtures("ray_cluster")
 def test_gradient_preconditioner_for_a_foreign_teacher_is_computed_once_and_cached(tmp_path):
     from rayflow.orchestrate.precondition import gradient_precond_from_data, teacher_preconditioner
-
     from rayflow.teachers import instantiate
 
     spec = {**TINY_UNET, "num_classes": 11}  # digits: 10 classes and the null class
