@@ -83,7 +83,7 @@ def compose_job(args: argparse.Namespace):
     """The main job's config (conf/config.yaml's defaults: mnist 16 px, unet_tiny, the shipped teacher)."""
     from hydra import compose, initialize_config_dir
 
-    from rayflow.train import job_from_hydra  # registers the ${rayflow_asset:...} resolver
+    from rayflow.cli import job_from_hydra  # registers the ${rayflow_asset:...} resolver
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"run.storage_path={args.storage}", f"run.seed={args.seed}",

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import os
 
-import hydra
 from omegaconf import DictConfig
 
+from rayflow.cli import entry_point, job_from_hydra
 from rayflow.config import EvalTarget, JobConfig
-from rayflow.train import config_or_exit, job_from_hydra
 
 
 def job_and_target(cfg: DictConfig, command: str) -> tuple[JobConfig, EvalTarget]:
@@ -26,13 +25,15 @@ def job_and_target(cfg: DictConfig, command: str) -> tuple[JobConfig, EvalTarget
     return job, job.eval.target(job, command)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@entry_point("config")
 def main(cfg: DictConfig) -> None:
-    job, target = config_or_exit(lambda c: job_and_target(c, "evaluate"), cfg)
+    job, target = job_and_target(cfg, "evaluate")
     from rayflow import track  # Ray, torch and MLflow load only for a valid config
     from rayflow.orchestrate.evaluate import evaluate_checkpoint
+    from rayflow.orchestrate.generate import load_for_sampling
     from rayflow.orchestrate.jobs import ensure_ray
 
+    load_for_sampling(job, target.checkpoint, target.model)  # a wrong file fails here, before Ray starts
     ensure_ray()
     ev = evaluate_checkpoint(job, target)
     stem = f"{ev['name']}-{target.steps}steps"

@@ -36,6 +36,7 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 from ray.data.extensions import ArrowTensorArray
 
+from rayflow.cli import fail, run_or_exit
 from rayflow.data.sources import (
     SkipLog,
     image_folder,
@@ -95,10 +96,8 @@ def prepare(
         raise ValueError(f"format={fmt!r} is unknown; FIX THIS by using 'parquet' or 'webdataset'")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
+    _ensure_empty(out)
     out_fs, out_base = resolve_filesystem(out)
-    existing = out_fs.get_file_info(pafs.FileSelector(out_base, allow_not_found=True))
-    if existing:
-        raise ValueError(f"output folder {out!r} is not empty; FIX THIS by choosing a new folder or emptying it")
 
     class_files = list_class_files(src)
     classes = list(class_files)
@@ -189,9 +188,8 @@ def prepare_text(
     of it, src ignored). Returns the manifest (also written to out/manifest.json)."""
     if src_format not in ("webdataset", "parquet", "shapes"):
         raise ValueError(f"src_format={src_format!r} has no captions; FIX THIS by using webdataset, parquet or shapes")
+    _ensure_empty(out)
     out_fs, out_base = resolve_filesystem(out)
-    if out_fs.get_file_info(pafs.FileSelector(out_base, allow_not_found=True)):
-        raise ValueError(f"output folder {out!r} is not empty; FIX THIS by choosing a new folder or emptying it")
     skip_log = SkipLog()
     if src_format == "shapes":
         ds = make_source("shapes", res=res, n=num_images)
@@ -220,9 +218,39 @@ def prepare_text(
     return manifest
 
 
+def _ensure_empty(out: str) -> None:
+    out_fs, out_base = resolve_filesystem(out)
+    if out_fs.get_file_info(pafs.FileSelector(out_base, allow_not_found=True)):
+        raise ValueError(f"output folder {out!r} is not empty; FIX THIS by choosing a new folder or emptying it")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The source and output folders, checked on the driver before Ray starts."""
+    if args.res < 1 or args.shard_size < 1:
+        raise ValueError(f"--res {args.res} and --shard-size {args.shard_size} must be >= 1; FIX THIS by passing "
+                         "positive numbers")
+    _ensure_empty(args.out)
+    if args.src_format == "folder":
+        list_class_files(args.src)  # missing folder, no class folders, an empty class: a clear error
+    elif args.src_format != "shapes":
+        fs, base = resolve_filesystem(args.src)
+        if fs.get_file_info(base).type == pafs.FileType.NotFound:
+            raise ValueError(f"--src {args.src!r} does not exist; FIX THIS by pointing --src at your "
+                             f"{args.src_format} shards")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every rayflow command
+        fail(f"{message}; FIX THIS by correcting the arguments (python -m rayflow.prepare --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints a one-line JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m rayflow.prepare", description=__doc__.splitlines()[0])
+    return run_or_exit(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _Parser(prog="python -m rayflow.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="ImageNet-layout folder: SRC/<class>/<images>")
     parser.add_argument("--out", required=True, help="empty or new folder for the shards and manifest.json")
     parser.add_argument("--res", type=int, required=True, help="output resolution (square)")
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.src_format == "folder") != (args.text_encoder is None):
         parser.error("--text-encoder goes with --src-format webdataset|parquet|shapes (captioned data), and only then")
+    check_inputs(args)  # before Ray starts: a wrong folder fails in a second
     started = not ray.is_initialized()
     if started:
         ray.init()  # joins RAY_ADDRESS's cluster if set, else starts a local one

@@ -8,18 +8,15 @@ k, one line per ratio) into `<run.storage_path>/<sweep>/report/`, and logs both 
 from __future__ import annotations
 
 import os
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from rayflow.train import config_or_exit
-from rayflow.tune import configs_from_hydra
+from rayflow.cli import UserError, entry_point, sweep_from_hydra
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+@entry_point("tune")
 def main(cfg: DictConfig) -> None:
-    job, sweep = config_or_exit(configs_from_hydra, cfg)
+    job, sweep = sweep_from_hydra(cfg)
     from rayflow.orchestrate.report import find_sweep, sweep_report
 
     uri = job.tracking.resolved_uri()
@@ -28,8 +25,7 @@ def main(cfg: DictConfig) -> None:
         out = sweep_report(uri, parent, os.path.join(job.run.absolute_storage(), sweep.name, "report"),
                            metric=sweep.metric)
     except LookupError as e:
-        print(f"rayflow: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(str(e)) from e
     print(out["table"])
     print(f"Wrote {out['markdown']} and {out['plot']}; logged both to MLflow run {parent} under report/.")
 

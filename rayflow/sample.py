@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from rayflow.cli import entry_point
 from rayflow.evaluate import job_and_target
-from rayflow.train import config_or_exit
 
 
 def to_uint8(x) -> np.ndarray:
@@ -28,20 +27,25 @@ def to_uint8(x) -> np.ndarray:
     return pixels.transpose(0, 2, 3, 1)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@entry_point("config")
 def main(cfg: DictConfig) -> None:
-    job, target = config_or_exit(lambda c: job_and_target(c, "sample"), cfg)
+    job, target = job_and_target(cfg, "sample")
     from PIL import Image
 
     from rayflow import track  # Ray and torch load only for a valid config
     from rayflow.files import sha256_file
-    from rayflow.orchestrate.generate import draw_samples, sample_conditions
+    from rayflow.orchestrate.generate import draw_samples, load_for_sampling, sample_conditions
     from rayflow.orchestrate.jobs import ensure_ray
 
-    ensure_ray()
+    # One batch samples on the driver, without starting Ray (seconds instead of a cluster start-up); more go to
+    # eval.workers actors. The samples are the same either way (per-sample seeds).
+    one_batch = target.samples <= job.run.eval_batch
+    if not one_batch:
+        load_for_sampling(job, target.checkpoint, target.model)  # a wrong file fails here, before Ray starts
+        ensure_ray()
     cond, labels, captions = sample_conditions(job, target.samples)
     x, secs = draw_samples(job, target.checkpoint, target.model, target.sampler, target.steps, cond,
-                           seed=target.seed)
+                           seed=target.seed, workers=0 if one_batch else None)
     meta = {"checkpoint": target.checkpoint, "checkpoint_sha256": sha256_file(target.checkpoint)
             if os.path.isfile(target.checkpoint) else None, "model": target.model, "sampler": target.sampler,
             "steps": target.steps, "samples": target.samples, "seed": target.seed,

@@ -12,27 +12,17 @@ from __future__ import annotations
 import json
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from rayflow.config import JobConfig, SweepConfig
-from rayflow.train import config_or_exit, exit_on_user_error, plain
+from rayflow.cli import entry_point, sweep_from_hydra
 
 
-def configs_from_hydra(cfg: DictConfig) -> tuple[JobConfig, SweepConfig]:
-    """conf/tune.yaml composed -> (the trials' base JobConfig, SweepConfig), both validated."""
-    container = plain(cfg)
-    sweep = container.pop("sweep", None) or {}
-    job = JobConfig.from_dict(container)
-    return job, SweepConfig.from_dict(sweep, job)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+@entry_point("tune")
 def main(cfg: DictConfig) -> None:
-    job, sweep = config_or_exit(configs_from_hydra, cfg)
+    job, sweep = sweep_from_hydra(cfg)
     from rayflow.orchestrate.sweep import run_sweep  # Ray and torch load only for a valid config
 
-    out = exit_on_user_error(run_sweep, job, sweep)
+    out = run_sweep(job, sweep)
     table = out.pop("report", {}).get("table")
     print(json.dumps(out, indent=2, default=str))
     if table:

@@ -22,6 +22,41 @@ from typing import Any
 
 import pytest
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers by what a test does, so nobody has to remember to mark it: `ray` if it uses the session's Ray
+    cluster (or the MLflow server beside it), `e2e` if it runs a rayflow command in a subprocess."""
+    import inspect
+
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"ray_cluster", "smoke_run", "mlflow_server"}:
+            item.add_marker(pytest.mark.ray)
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError, AttributeError):
+            continue
+        helpers = ("_train_cmd", "_run_cli", "rayflow.", "ray job submit", "\"ray\"")
+        if "subprocess" in source and any(h in source for h in helpers) or "smoke_run" in names:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_never_starts_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test outside the `ray` tier must not start Ray (Ray Data and Train would start a local cluster quietly)."""
+    yield
+    if request.node.get_closest_marker("ray") is None and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized() and not _RAY_FIXTURE_UP:
+            ray.shutdown()
+            pytest.fail("this test started Ray without the ray_cluster fixture; FIX THIS by requesting ray_cluster "
+                        "(it is then in the `ray` tier)")
+
+
+_RAY_FIXTURE_UP = False
+
+
 # Logical CPUs for the test cluster. More than this 2-core box has on purpose: Ray Train workers and
 # Ray Data read/map tasks then both get slots, instead of the data side starving silently.
 TEST_CLUSTER_CPUS = 4
@@ -78,6 +113,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         ray.data.DataContext.get_current().enable_progress_bars = False
         info = {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "resources": ray.cluster_resources(),
                 "env": dict(os.environ, RAY_ADDRESS=address)}
+        global _RAY_FIXTURE_UP
+        _RAY_FIXTURE_UP = True
         yield info
     finally:
         ray.shutdown()

@@ -35,7 +35,7 @@ def _printed_json(stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, str]:
     """A random tiny UNet in the smoke config's shape, standing in for a teacher or an exported student."""
-    from rayflow.train import job_from_hydra
+    from rayflow.cli import job_from_hydra
 
     tmp = tmp_path_factory.mktemp("cli")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

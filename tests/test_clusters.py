@@ -338,7 +338,7 @@ def _compose(config_name: str, overrides: list[str]) -> Any:
 
 
 def test_train_entrypoint_is_a_real_command_with_real_config_keys() -> None:
-    from rayflow.train import job_from_hydra
+    from rayflow.cli import job_from_hydra
 
     spec = _load("kuberay/rayjob-train.yaml")["spec"]
     assert spec["entrypoint"].startswith("python -m rayflow.train ")
@@ -350,7 +350,7 @@ def test_train_entrypoint_is_a_real_command_with_real_config_keys() -> None:
 
 
 def test_train_commands_in_the_readme_compose() -> None:
-    from rayflow.train import job_from_hydra
+    from rayflow.cli import job_from_hydra
 
     commands = [c for block in _bash_blocks() for c in _rayflow_commands(block, "train")]
     assert len(commands) >= 2

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from rayflow.cli import job_from_hydra
 from rayflow.config import ConfigError, JobConfig
-from rayflow.train import job_from_hydra
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

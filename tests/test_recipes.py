@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from rayflow.cli import job_from_hydra
 from rayflow.config import ConfigError, JobConfig
 from rayflow.teachers import instantiate
-from rayflow.train import job_from_hydra
 from tests.data.make_images import make_image_folder
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -169,7 +169,7 @@ def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     import rayflow.train  # noqa: F401  (registers the rayflow_asset resolver)
-    from rayflow.tune import configs_from_hydra
+    from rayflow.cli import sweep_from_hydra as configs_from_hydra
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return configs_from_hydra(compose("tune", overrides=list(overrides)))

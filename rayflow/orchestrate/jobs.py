@@ -14,6 +14,7 @@ from rayflow import track
 from rayflow.config import JobConfig
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.lease import hold
+from rayflow.orchestrate.preflight import check_job
 from rayflow.orchestrate.training import BEST_METRIC, export_student, export_teacher, run_training
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def run_job(job: JobConfig) -> dict:
 
     Holds the run's lease throughout (`lease.hold`): a second driver of the same run.name is refused before it
     starts Ray or touches MLflow; LeaseHeld says who holds it."""
+    check_job(job, needs_teacher=True)
     with hold(job.run.absolute_storage(), job.run.name):
         return _run_job(job)
 

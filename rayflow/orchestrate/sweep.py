@@ -21,6 +21,7 @@ from rayflow import track
 from rayflow.config import ConfigError, JobConfig, SweepConfig, with_overrides
 from rayflow.orchestrate.jobs import ensure_ray, evaluate_and_log, resolve_teacher, train_and_export
 from rayflow.orchestrate.lease import hold
+from rayflow.orchestrate.preflight import check_job
 from rayflow.orchestrate.report import (
     KEYS_TAG,
     OVERRIDES_TAG,
@@ -148,6 +149,7 @@ def run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
     """Launch or resume the sweep; returns {"parent_run_id", "complete", "report", "trials", "wall_s", ...}.
 
     The sweep's lease (sweep.name in run.storage_path) is held throughout; its trials take none."""
+    check_job(job, needs_teacher=True)
     with hold(job.run.absolute_storage(), sweep.name):
         return _run_sweep(job, sweep)
 

@@ -13,13 +13,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from rayflow import config as config_module
+from rayflow.cli import job_from_hydra
 from rayflow.config import ConfigError, JobConfig
 from rayflow.core.metrics import gaussian_stats
 from rayflow.evaluation import inception as inception_module
 from rayflow.evaluation.fid import fid_from_stats, inception_features
 from rayflow.orchestrate import evaluate as evaluate_module
 from rayflow.orchestrate.evaluate import evaluate, fid_reference, real_images
-from rayflow.train import job_from_hydra
 from tests.evaluation.test_inception import _random_net
 from tests.orchestrate.test_generate import save_tiny_teacher, tiny_job
 
