@@ -223,3 +223,30 @@ def test_tracking_outage_queues_retries_and_spools(tmp_path):
         assert [h.step for h in c.get_metric_history(run_id, "loss")][-1] == 320
     finally:
         stop_process_group(proc)
+
+
+def test_ui_urls_point_at_the_runs_table_and_the_compare_view():
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    urls = track.ui_urls("sqlite:////abs/mlflow.db", "7", ["a1", "b2"])
+    # A database has no UI of its own: `mlflow ui --backend-store-uri sqlite:////abs/mlflow.db` serves it here.
+    assert urls["runs"] == "http://127.0.0.1:5000/#/experiments/7/runs"
+    # The route MLflow 3.17's own Compare button builds (JSON.stringify of both id lists), percent-encoded.
+    assert unquote(urls["compare"]) == 'http://127.0.0.1:5000/#/compare-runs?runs=["a1","b2"]&experiments=["7"]'
+    query = parse_qs(urlsplit(urlsplit(urls["compare"]).fragment).query)
+    assert query == {"runs": ['["a1","b2"]'], "experiments": ['["7"]']}
+    assert not re.search(r'[\s"\[\]]', urls["compare"])  # nothing a terminal or a Markdown link would cut at
+
+    # A server is its own UI: path prefix kept, credentials never printed.
+    assert track.ui_urls("http://user:secret@mlflow:5000/", "1") == {"runs": "http://mlflow:5000/#/experiments/1/runs"}
+    assert track.ui_urls("https://example.org/mlflow", "1", [])["runs"] == "https://example.org/mlflow/#/experiments/1/runs"
+    assert track.ui_urls("http://[::1]:5000", "1")["runs"] == "http://[::1]:5000/#/experiments/1/runs"
+    assert track.ui_urls("postgresql+psycopg2://db/mlflow", 3)["runs"] == "http://127.0.0.1:5000/#/experiments/3/runs"
+    tunnel = track.ui_urls("http://10.0.0.5:5000", "2", ["c"], ui_base="http://127.0.0.1:15000/")
+    assert tunnel["runs"] == "http://127.0.0.1:15000/#/experiments/2/runs" and tunnel["compare"].startswith(
+        "http://127.0.0.1:15000/#/compare-runs?runs=%5B%22c%22%5D&")
+    for bad in ("databricks", "file:///tmp/mlruns"):
+        with pytest.raises(ValueError, match="FIX THIS"):
+            track.ui_urls(bad, "1")
+    with pytest.raises(ValueError, match="experiment id"):
+        track.ui_urls("sqlite:////abs/mlflow.db", "")
