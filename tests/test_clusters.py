@@ -1,6 +1,7 @@
 """clusters/: launcher YAMLs against Ray's own cluster schema, KubeRay manifests against the KubeRay v1 CRD
 fields they use, images and pins against what this checkout installs, entrypoints against real config keys.
-No cloud, no Kubernetes, no Ray cluster: files only.
+No cloud, no Kubernetes: files only, except one slow test that starts a local head with token authentication on
+and submits the README's job to it.
 """
 
 from __future__ import annotations
@@ -8,8 +9,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -374,3 +380,136 @@ def test_sweep_entrypoint_runs_the_tune_module() -> None:
     for overrides in commands:
         cfg = _compose("tune", overrides)
         assert "://" in cfg.run.storage_path and cfg.tracking.uri.startswith("http://"), overrides
+
+
+# ------------------------------------------------------------------ a live head with token authentication on
+
+# Passed through to the token head: the rest of RAY_* (RAY_AUTH_MODE=disabled of the session fixture above all)
+# must not leak into a cluster whose point is its own authentication settings.
+_TOKEN_HEAD_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+_NOT_UP_YET = ("No available agent", "Failed to connect", "Connection refused", "Cannot connect")
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # `python` in a job's entrypoint is the one on the head's PATH at `ray start`: this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **_TOKEN_HEAD_RAY_ENV, "HOME": str(home), **extra}
+
+
+def _readme_submit_command() -> tuple[dict[str, str], list[str]]:
+    """README's one-line submission of the smoke job to a token-auth head: (its env assignments, the command)."""
+    lines = {line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("RAY_AUTH_MODE=token ray job submit") and line.rstrip().endswith("experiment=smoke")}
+    assert len(lines) == 1, f"README.md must show one submit line for the smoke job, found {sorted(lines)}"
+    words = shlex.split(lines.pop())
+    env = dict(w.split("=", 1) for w in words[: words.index("ray")])
+    return env, words[words.index("ray") :]
+
+
+def _submit(cmd: list[str], env: dict[str, str], deadline: float) -> subprocess.CompletedProcess:
+    """Run a `ray job ...` command, again while the head's dashboard or job agent is still coming up."""
+    while True:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        out = proc.stdout + proc.stderr
+        if not any(s in out for s in _NOT_UP_YET) or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
+def _gcs_rpc(address: str, token: str | None) -> Any:
+    """One GCS RPC (GetClusterId), with or without the token; returns the gRPC status code."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        metadata = [("authorization", f"Bearer {token}")] if token else None
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=20)
+        except grpc.RpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+
+@pytest.mark.slow  # its own Ray head and the smoke job (~2-4 min on 2 cores)
+def test_token_auth_head_refuses_plain_clients_and_runs_the_readme_submission(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A head started as README says (a token, then `ray start --head`) in its own process group, with a private
+    HOME (its ~/.ray/auth_token) and RAY_TMPDIR on free loopback ports; the client has another HOME holding a copy
+    of the token file. Without RAY_AUTH_MODE=token the jobs API refuses the client; README's line runs the job."""
+    import grpc
+
+    from tests.conftest import free_port, stop_process_group
+    from tests.test_safety import _non_loopback_ipv4
+
+    tmp = tmp_path_factory.mktemp("tok")  # short: Ray's socket paths must stay < 108 bytes
+    head_home, client_home, bare_home = tmp / "head-home", tmp / "client-home", tmp / "bare-home"
+    for d in (head_home, client_home, bare_home):
+        d.mkdir()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head_env = _env(head_home, RAY_TMPDIR=str(tmp / "r"))
+    gen = subprocess.run([ray_bin, "get-auth-token", "--generate"], env=head_env, capture_output=True, text=True,
+                         timeout=120)
+    token_file = head_home / ".ray" / "auth_token"
+    assert gen.returncode == 0 and token_file.is_file(), gen.stderr
+    token = token_file.read_text().strip()
+    (client_home / ".ray").mkdir()
+    shutil.copyfile(token_file, client_home / ".ray" / "auth_token")  # "~/.ray/auth_token copied from the head"
+
+    port, dash = free_port(), free_port()
+    log = tmp / "head.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--temp-dir={tmp / 'r'}", "--disable-usage-stats",
+             *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                      "runtime-env-agent-port", "metrics-export-port",
+                                                      "ray-client-server-port"))],
+            env=head_env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        env_words, cmd = _readme_submit_command()
+        assert env_words == {"RAY_AUTH_MODE": "token"} and cmd[:5] == ["ray", "job", "submit", "--address",
+                                                                          "http://HEAD:8265"], cmd
+        cmd = [ray_bin, *cmd[1:4], f"http://127.0.0.1:{dash}", *cmd[5:]]
+        deadline = time.time() + 180
+
+        # 1. The plain client (no RAY_AUTH_MODE; the token file is there all the same) is refused.
+        refused = _submit(cmd, _env(client_home), deadline)
+        said = refused.stdout + refused.stderr
+        assert head.poll() is None, log.read_text()[-3000:]
+        assert "Token authentication is enabled" in log.read_text(), log.read_text()[-3000:]
+        assert refused.returncode != 0 and "Authentication required" in said, said[-3000:]
+        assert "RAY_AUTH_MODE is currently 'disabled'" in said, said[-3000:]
+
+        # 2. README's line: RAY_AUTH_MODE=token, the token from ~/.ray/auth_token. It runs the smoke job.
+        t0 = time.perf_counter()
+        done = _submit(cmd, _env(client_home, **env_words), time.time() + 120)
+        wall = time.perf_counter() - t0
+        out = done.stdout
+        assert done.returncode == 0 and "succeeded" in out.lower(), out[-4000:] + done.stderr[-4000:]
+        summary = json.loads(out[out.index("{\n") : out.index("\n}\n", out.index("{\n")) + 2])
+        assert summary["run_id"] and "eval.student.fd" in summary["metrics"], summary
+        (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", out))
+        print(f"smoke job on the token-auth head: {wall:.0f} s")
+
+        # 3. RAY_AUTH_TOKEN instead of a token file; a wrong token is refused.
+        status = [ray_bin, "job", "status", "--address", f"http://127.0.0.1:{dash}", job_id]
+        by_env = subprocess.run(status, env=_env(bare_home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+                                capture_output=True, text=True, timeout=120)
+        assert by_env.returncode == 0 and f"Job '{job_id}' succeeded" in by_env.stdout, by_env.stderr[-3000:]
+        wrong = subprocess.run(status, env=_env(bare_home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * len(token)),
+                               capture_output=True, text=True, timeout=120)
+        assert wrong.returncode != 0 and "Authentication" in wrong.stdout + wrong.stderr, wrong.stdout[-3000:]
+
+        # 4. The GCS answers on every interface (see the xfail in test_safety.py), but with token authentication on
+        # it serves no RPC without the token, on loopback or on the machine's outward address.
+        hosts = ["127.0.0.1", *filter(None, [_non_loopback_ipv4()])]
+        for host in hosts:
+            assert _gcs_rpc(f"{host}:{port}", None) == grpc.StatusCode.UNAUTHENTICATED, host
+            assert _gcs_rpc(f"{host}:{port}", token) == grpc.StatusCode.OK, host
+    finally:
+        stop_process_group(head)

@@ -200,9 +200,13 @@ def test_ray_fixture_jobs_api_answers_on_loopback_only(ray_cluster: dict[str, An
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="Ray 2.60 on Linux: `ray start --node-ip-address=127.0.0.1` is replaced by the machine's outward IP "
-    "(services.resolve_ip_for_localhost), and gcs_server/raylet listen on all interfaces ('::'); with "
-    "RAY_AUTH_MODE=disabled in tests/conftest.py the test GCS is reachable from the network while tests run. "
+    reason="Ray 2.60 on Linux (rechecked 2026-12-01): `ray start --node-ip-address=127.0.0.1` is replaced by the "
+    "machine's outward IP (services.resolve_ip_for_localhost; the head logs 'Local node IP: <outward IP>'), and "
+    "gcs_server listens on the dual-stack wildcard ('*:<port>' in `ss -ltn`), as do the raylet and the workers; "
+    "`ray start` has no option to bind them to an address. With RAY_AUTH_MODE=disabled (tests/conftest.py) the "
+    "test GCS serves RPCs without a token on the outward IP while tests run. Token authentication does not close "
+    "the port, it makes the GCS refuse RPCs without the token (UNAUTHENTICATED; tests/test_clusters.py::"
+    "test_token_auth_head_refuses_plain_clients_and_runs_the_readme_submission). "
     "If this XPASSes, Ray or the fixture fixed it: drop the mark.",
 )
 def test_ray_fixture_gcs_answers_on_loopback_only(ray_cluster: dict[str, Any]) -> None:
