@@ -79,12 +79,12 @@ def test_launcher_is_consistent_with_this_checkout(name: str) -> None:
     docker = config["docker"]
     assert docker["image"] == _image(kind)
     assert docker.get("head_image", docker["image"]) in (_image("cpu"), _image(kind))
-    # The working tree goes to ~/rayflow and is installed there, editable (conf/ sits next to the package).
+    # The working tree goes to ~/rayflow and is installed from there as a wheel (configs ship inside it).
     (target, source), *_ = config["file_mounts"].items()
     assert target == "~/rayflow" and (ROOT / source / "pyproject.toml").is_file()
     setup = config["setup_commands"]
     assert any(re.search(rf'pip install "torch{re.escape(_pins()["torch"])}"', c) for c in setup), setup
-    assert setup[-1] == "pip install -e ~/rayflow"
+    assert setup[-1] == "pip install ~/rayflow"
     # Servers listen on loopback unless told otherwise (README: `ray dashboard` tunnels to it).
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in json.dumps(config)
