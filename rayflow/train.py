@@ -21,10 +21,10 @@ def main(cfg: DictConfig) -> None:
     out = run_job(job)
     summary = {k: v for k, v in out.items() if k != "metrics"}
     print(json.dumps({"metrics": out.get("metrics", {}), **summary}, indent=2, default=str))
-    print(
-        f"\nMLflow run {out['run_id']} in {out['tracking_uri']} (experiment '{job.tracking.experiment}').\n"
-        f"Open it with: mlflow ui --backend-store-uri {out['tracking_uri']}"
-    )
+    print(f"\nMLflow run {out['run_id']} in {out['tracking_uri']} (experiment '{job.tracking.experiment}').")
+    if not out["tracking_uri"].startswith(("http://", "https://")):
+        print(f"Serve it with: mlflow ui --backend-store-uri {out['tracking_uri']}")
+    print(f"Open the runs table: {out['mlflow_ui']}")
 
 
 if __name__ == "__main__":

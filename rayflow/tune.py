@@ -30,10 +30,11 @@ def main(cfg: DictConfig) -> None:
     if not out.get("complete"):
         print(f"\nSweep '{sweep.name}' interrupted; run the same command again to resume it.", file=sys.stderr)
         sys.exit(130)
-    print(
-        f"MLflow parent run {out['parent_run_id']} in {out['tracking_uri']} (experiment "
-        f"'{job.tracking.experiment}'). Compare the trials with: mlflow ui --backend-store-uri {out['tracking_uri']}"
-    )
+    print(f"MLflow parent run {out['parent_run_id']} in {out['tracking_uri']} (experiment "
+          f"'{job.tracking.experiment}').")
+    if not out["tracking_uri"].startswith(("http://", "https://")):
+        print(f"Serve it with: mlflow ui --backend-store-uri {out['tracking_uri']}")
+    print(f"Compare the trials: {out['mlflow_ui']}")
 
 
 if __name__ == "__main__":

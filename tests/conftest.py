@@ -39,6 +39,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         helpers = ("_train_cmd", "_run_cli", "rayflow.", "ray job submit", "\"ray\"")
         if "subprocess" in source and any(h in source for h in helpers) or "smoke_run" in names:
             item.add_marker(pytest.mark.e2e)
+        if any(h in source for h in ("_start_head(", "\"start\", \"--head\"", "ray start --head", "ray.init(")):
+            item.add_marker(pytest.mark.ray)  # a head of its own
 
 
 @pytest.fixture(autouse=True)

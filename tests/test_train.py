@@ -45,6 +45,8 @@ def smoke_run(ray_cluster, tmp_path_factory):
 def test_smoke_demo_runs_and_says_where_to_look(smoke_run):
     tmp, out, stdout, wall = smoke_run
     assert "mlflow ui --backend-store-uri" in stdout and out["run_id"] in stdout
+    experiment = _client(tmp).get_experiment_by_name("rayflow").experiment_id
+    assert f"Open the runs table: http://127.0.0.1:5000/#/experiments/{experiment}/runs" in stdout
     assert out["teacher_train"]["images_seen"] == 2048 and out["distill_train"]["images_seen"] == 1024
     for key in ("teacher_path", "student_path"):
         assert Path(out[key]).is_file()

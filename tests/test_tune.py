@@ -59,6 +59,10 @@ def sweep_run(ray_cluster, mlflow_server, tmp_path_factory):
 def test_every_trial_is_a_child_run_with_params_and_metrics(sweep_run, mlflow_server):
     parent, children = _runs(mlflow_server, "smoke")
     assert parent.info.status == "FINISHED"
+    # the sweep ends by printing the compare view of its trials, on the tracking server itself
+    line = next(ln for ln in sweep_run[1].splitlines() if ln.startswith("Compare the trials: "))
+    assert line.startswith(f"Compare the trials: {mlflow_server}/#/compare-runs?runs=")
+    assert all(c.info.run_id in line for c in children)
     assert parent.data.tags["rayflow.sweep_keys"] == "distill.steps,distill.lr_ratio"
     assert "eval.teacher_ancestral.fd" in parent.data.metrics  # the baseline, evaluated once
     grid = {(p.data.params["distill.steps"], p.data.params["distill.lr_ratio"]) for p in children}

@@ -125,6 +125,8 @@ def _run_job(job: JobConfig) -> dict:
         out["wall_s"] = time.perf_counter() - t_start
         track.log_metrics(uri, run_id, {"job.wall_s": out["wall_s"]}, step=0)
         track.end_run(uri, run_id, "FINISHED")
+        # what a person opens: the experiment's runs table (a bare `mlflow ui` lands on a GenAI overview page)
+        out["mlflow_ui"] = track.ui_urls(uri, track.get_or_create_experiment(uri, job.tracking.experiment))["runs"]
     except BaseException:
         track.end_run(uri, run_id, "FAILED")
         raise

@@ -194,6 +194,9 @@ def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
             logger.warning("sweep %s interrupted; relaunch the same command to resume it", sweep.name)
             return out
         out["report"] = sweep_report(uri, parent, os.path.join(path, "report"), metric=sweep.metric)
+        trials = [r.info.run_id for r in track.child_runs(uri, parent)]
+        urls = track.ui_urls(uri, track.get_or_create_experiment(uri, job.tracking.experiment), trials)
+        out["mlflow_ui"] = urls.get("compare", urls["runs"])  # the trials side by side
         out["wall_s"] = time.perf_counter() - t_start
         track.log_metrics(uri, parent, {"sweep.wall_s": out["wall_s"], "sweep.trials": len(grid)}, step=0)
         track.end_run(uri, parent, "FAILED" if grid.num_errors else "FINISHED")
