@@ -24,23 +24,28 @@ import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tiers by what a test does, so nobody has to remember to mark it: `ray` if it uses the session's Ray
-    cluster (or the MLflow server beside it), `e2e` if it runs a rayflow command in a subprocess."""
+    """Tiers by what a test does (its own code and its fixtures' code), so nobody has to remember to mark it:
+    `ray` if it uses the session's Ray cluster or starts a head of its own, `e2e` if it runs a rayflow command
+    (or a driver script) in a subprocess."""
     import inspect
+
+    def source(fn) -> str:
+        try:
+            return inspect.getsource(fn)
+        except (OSError, TypeError):
+            return ""
 
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"ray_cluster", "smoke_run", "mlflow_server"}:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        code = source(getattr(item, "function", None)) + "".join(
+            source(d.func) for name in names for d in defs.get(name, ()) if name != "ray_cluster")
+        if names & {"ray_cluster", "mlflow_server"} or any(
+                h in code for h in ("_start_head(", "ray start --head", "ray.init(", "run_scenarios(")):
             item.add_marker(pytest.mark.ray)
-        try:
-            source = inspect.getsource(item.function)
-        except (OSError, TypeError, AttributeError):
-            continue
-        helpers = ("_train_cmd", "_run_cli", "rayflow.", "ray job submit", "\"ray\"")
-        if "subprocess" in source and any(h in source for h in helpers) or "smoke_run" in names:
+        cli = ("_train_cmd", "_tune_cmd", "rayflow.", "ray job submit", "run_scenarios(")
+        if "subprocess" in code and any(h in code for h in cli) or "run_scenarios(" in code:
             item.add_marker(pytest.mark.e2e)
-        if any(h in source for h in ("_start_head(", "\"start\", \"--head\"", "ray start --head", "ray.init(")):
-            item.add_marker(pytest.mark.ray)  # a head of its own
 
 
 @pytest.fixture(autouse=True)
