@@ -13,18 +13,13 @@ from torch import nn
 
 from rayflow.core.diffusion import Denoiser
 from rayflow.core.moment_matching import (
-    AlternatingMomentMatching,
-    ParameterSpaceMomentMatching,
     adam_preconditioner,
-    rekey,
 )
 from rayflow.core.schedule import Schedule
 from rayflow.core.steps import (
     EMA,
-    AlternatingStep,
-    ParameterSpaceStep,
     TeacherStep,
-    clone_trainable,
+    build_distillation,
     cosine_lr,
     freeze,
     make_adam,
@@ -127,29 +122,18 @@ def distill(
     """
     torch.manual_seed(seed + 1)
     g = torch.Generator().manual_seed(seed + 1)
-    target = guided_teacher or teacher.denoiser
-    student = clone_trainable(teacher.denoiser)
-    opt_s = make_adam(student.parameters(), lr_student)
-    ema = EMA(student, ema_decay)
-    kw = dict(weighting=weighting, s_sampling=s_sampling)
-    if algorithm == "alternating":
-        aux = clone_trainable(teacher.denoiser)
-        opt_a = make_adam(aux.parameters(), lr_student * lr_ratio)
-        method = AlternatingMomentMatching(schedule, student_steps, aux_teacher_weight=aux_teacher_weight, **kw)
-        step = AlternatingStep(method, target, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
-        schedules = [(opt_s, lr_student), (opt_a, lr_student * lr_ratio)]
-    elif algorithm == "parameter_space":
-        precond = adam_preconditioner(teacher.optimizer_state, teacher.param_names) if precondition else None
-        if precond is not None and target is not teacher.denoiser:  # keyed by the network the guided teacher wraps
-            precond = rekey(precond, teacher.denoiser, target)
-        method = ParameterSpaceMomentMatching(schedule, student_steps, precond=precond, **kw)
-        step = ParameterSpaceStep(method, target, student, opt_s, grad_clip=grad_clip, ema=ema)
-        schedules = [(opt_s, lr_student)]
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose 'alternating' or 'parameter_space'")
+    precond = None
+    if algorithm == "parameter_space" and precondition:
+        precond = adam_preconditioner(teacher.optimizer_state, teacher.param_names)
+    dist = build_distillation(
+        teacher.denoiser, guided_teacher or teacher.denoiser, schedule, algorithm=algorithm, steps=student_steps,
+        lr_student=lr_student, lr_ratio=lr_ratio, weighting=weighting, s_sampling=s_sampling, grad_clip=grad_clip,
+        ema_decay=ema_decay, aux_teacher_weight=aux_teacher_weight, precond=precond,
+    )
+    step, schedules = dist.step, list(dist.optimizers.values())
     gd = _noise_generator(g, seed + 1, device)
     for i, (x, c) in zip(range(train_steps), _batches(data.float(), cond, batch, g, device)):
         for opt, base in schedules:
             set_lr(opt, scheduled_lr(lr_schedule, base, i, train_steps, warmup=warmup))
         step(i, x, c, gd)
-    return freeze(ema.module)
+    return freeze(dist.ema.module)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rayflow.core.diffusion import denoising_loss
-from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching
+from rayflow.core.moment_matching import AlternatingMomentMatching, ParameterSpaceMomentMatching, rekey
 from rayflow.core.schedule import Schedule
 
 
@@ -209,3 +210,70 @@ class ParameterSpaceStep:
         if self.ema is not None:
             self.ema.update(self.student)
         return {"loss/student": loss.item(), "grad_norm/student": norm.item()}
+
+
+ALGORITHMS = ("alternating", "parameter_space")
+
+
+@dataclass
+class Distillation:
+    """What a distillation trains (student, and aux for the alternating algorithm), each optimizer with its base
+    learning rate, the student's EMA, and the step that schedules the updates."""
+
+    trainables: dict[str, nn.Module]
+    optimizers: dict[str, tuple[torch.optim.Optimizer, float]]
+    ema: EMA
+    step: AlternatingStep | ParameterSpaceStep
+
+
+def build_distillation(
+    base: nn.Module,
+    teacher: nn.Module,
+    schedule: Schedule,
+    *,
+    algorithm: str = "alternating",
+    steps: int = 8,
+    lr_student: float = 1e-4,
+    lr_ratio: float = 1.0,
+    betas: tuple[float, float] = (0.0, 0.99),
+    adam_eps: float = 1e-12,
+    weighting: str = "snr_plus_one",
+    s_sampling: str = "uniform",
+    jump: str = "uniform",
+    grad_clip: float | None = 1.0,
+    ema_decay: float = 0.999,
+    aux_teacher_weight: float = 1.0,
+    forward_dtype: torch.dtype | None = None,
+    precond: dict[str, torch.Tensor] | None = None,
+    grad_reduce=None,
+    make_trainable: Callable[[nn.Module], nn.Module] = clone_trainable,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> Distillation:
+    """The one place that wires a distillation (the Ray worker and `rayflow.lab` both call it).
+
+    `base` is the teacher network that student and aux start from; `teacher` the denoiser the moments are matched
+    to (`base` itself, or `base` under classifier-free guidance). lr_aux = lr_student * lr_ratio. `precond` is
+    keyed by `base`'s parameter names (moved onto `teacher` here); `grad_reduce` averages the parameter-space G_A
+    over workers; `make_trainable` copies `base` (e.g. freezing parameters a foreign network never uses); `wrap`
+    prepares a trainable for data parallelism (DDP).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    student = wrap(make_trainable(base))
+    ema = EMA(student, ema_decay)
+    opt_s = make_adam(student.parameters(), lr_student, betas=betas, eps=adam_eps)
+    kw = dict(weighting=weighting, s_sampling=s_sampling, jump=jump, forward_dtype=forward_dtype)
+    if algorithm == "alternating":
+        aux = wrap(make_trainable(base))
+        lr_aux = lr_student * lr_ratio
+        opt_a = make_adam(aux.parameters(), lr_aux, betas=betas, eps=adam_eps)
+        method = AlternatingMomentMatching(schedule, steps, aux_teacher_weight=aux_teacher_weight, **kw)
+        step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
+        return Distillation({"student": student, "aux": aux},
+                            {"student": (opt_s, lr_student), "aux": (opt_a, lr_aux)}, ema, step)
+    if precond is not None:
+        device = next(teacher.parameters()).device
+        precond = rekey({k: v.to(device) for k, v in precond.items()}, base, teacher)
+    method = ParameterSpaceMomentMatching(schedule, steps, precond=precond, grad_reduce=grad_reduce, **kw)
+    step = ParameterSpaceStep(method, teacher, student, opt_s, grad_clip=grad_clip, ema=ema)
+    return Distillation({"student": student}, {"student": (opt_s, lr_student)}, ema, step)

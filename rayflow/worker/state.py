@@ -12,16 +12,12 @@ from torch import nn
 
 from rayflow.config import JobConfig
 from rayflow.core.moment_matching import (
-    AlternatingMomentMatching,
-    ParameterSpaceMomentMatching,
     all_reduce_mean,
-    rekey,
 )
 from rayflow.core.steps import (
     EMA,
-    AlternatingStep,
-    ParameterSpaceStep,
     TeacherStep,
+    build_distillation,
     clone_trainable,
     cosine_lr,
     make_adam,
@@ -143,34 +139,16 @@ def build_state(
     base = load_teacher(
         job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device, teacher=job.teacher
     )
-    teacher = guided(base, job.teacher.guidance_scale, job.data)
-    student = wrap(_trainable_copy(base, job))
-    ema = EMA(student, d.ema_decay)
-    opt_s = make_adam(student.parameters(), d.lr_student, betas=(d.beta1, d.beta2), eps=d.adam_eps)
-    kw = dict(weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, forward_dtype=forward_dtype)
-    if d.algorithm == "alternating":
-        aux = wrap(_trainable_copy(base, job))
-        opt_a = make_adam(aux.parameters(), d.lr_aux, betas=(d.beta1, d.beta2), eps=d.adam_eps)
-        method = AlternatingMomentMatching(base.schedule, d.steps, **kw)
-        step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=d.grad_clip, ema=ema)
-        return TrainState(
-            role,
-            {"student": student, "aux": aux},
-            {"student": (opt_s, d.lr_student), "aux": (opt_a, d.lr_aux)},
-            ema,
-            step,
-            updates(d.train_images),
-            d.lr_decay,
-        )
-    if precond is not None:  # keyed by the teacher network; the guided teacher wraps it
-        precond = rekey({k: v.to(device) for k, v in precond.items()}, base, teacher)
-    elif d.precondition != "identity":
+    if d.algorithm == "parameter_space" and precond is None and d.precondition != "identity":
         raise ValueError(
             f"distill.precondition={d.precondition!r} but the worker got no preconditioner; FIX THIS by launching "
             "through rayflow.orchestrate (it computes one), or setting distill.precondition=identity"
         )
-    method = ParameterSpaceMomentMatching(base.schedule, d.steps, precond=precond, grad_reduce=all_reduce_mean, **kw)
-    step = ParameterSpaceStep(method, teacher, student, opt_s, grad_clip=d.grad_clip, ema=ema)
-    return TrainState(
-        role, {"student": student}, {"student": (opt_s, d.lr_student)}, ema, step, updates(d.train_images), d.lr_decay
+    dist = build_distillation(
+        base, guided(base, job.teacher.guidance_scale, job.data), base.schedule,
+        algorithm=d.algorithm, steps=d.steps, lr_student=d.lr_student, lr_ratio=d.lr_ratio, betas=(d.beta1, d.beta2),
+        adam_eps=d.adam_eps, weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, grad_clip=d.grad_clip,
+        ema_decay=d.ema_decay, forward_dtype=forward_dtype, precond=precond, grad_reduce=all_reduce_mean,
+        make_trainable=lambda m: _trainable_copy(m, job), wrap=wrap,
     )
+    return TrainState(role, dist.trainables, dist.optimizers, dist.ema, dist.step, updates(d.train_images), d.lr_decay)
