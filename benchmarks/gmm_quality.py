@@ -2,18 +2,20 @@
 
 Trains an MLP teacher on samples of the mixture in --spec, distils k-step students with both moment-matching
 algorithms, and compares against the true mixture: the teacher's ancestral sampler at 8..512 steps, DDIM at
-k steps and each student at k steps. Metrics: sliced Wasserstein-2 (lower is better), mode-mass total
-variation (lower), mean log-likelihood under the true mixture (closest to the truth's), and the component-wise
-moment error (lower): per true component, the mean and covariance of the samples it explains best, in units of
-its own std (rayflow.core.metrics.component_moment_errors). A fresh true sample of the same size is scored
-too: its row is the noise floor of the metrics, and the table gives every row's SW2 and moment error as a
-multiple of it.
+k steps and each student at k steps. The exact denoiser E[x | z_t] (closed form) with the same ancestral sampler
+and noise shows what the sampler itself reaches at each step count: a perfect teacher scores there.
+Metrics: sliced Wasserstein-2 (lower is better), mode-mass total variation (lower), mean log-likelihood under
+the true mixture (closest to the truth's), and the component-wise moment error (lower): per true component,
+the mean and covariance of the samples it explains best, in units of its own std
+(rayflow.core.metrics.component_moment_errors). A fresh true sample of the same size is scored too: its row
+is the noise floor of the metrics, and the table gives every row's SW2 and moment error as a multiple of it
+(and teacher rows as a multiple of the exact denoiser's at the same steps).
 
     python benchmarks/gmm_quality.py --out runs/gmm2d
     python benchmarks/gmm_quality.py --spec benchmarks/specs/gmm16d.json --out runs/gmm16d
     python benchmarks/gmm_quality.py --spec benchmarks/specs/ring2d.json --teacher-only --teacher-steps 256 --seeds 0,1
 
---teacher-only trains the teacher and scores only the truth and the teacher's ancestral rows (sizing the
+--teacher-only trains the teacher and scores only the truth, exact and teacher ancestral rows (sizing the
 teacher). --seeds repeats everything (training data, reference, teacher, students, sampling noise) per seed
 and adds mean ± std per row. --out DIR writes results.json and samples/<method>_<k>.npy ([N, D]; with several
 seeds samples/seed<s>/<method>_<k>.npy) so anyone can recompute the metrics.
@@ -31,13 +33,14 @@ import numpy as np
 import torch
 
 from rayflow import lab
-from rayflow.core.gaussian_mixture import GaussianMixture
+from rayflow.core.gaussian_mixture import GaussianMixture, SharedTimeMixtureDenoiser
 from rayflow.core.metrics import mixture_metrics
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import CosineSchedule
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("sw2", "mode_mass_tv", "loglik", "moment_err", "mean_err", "cov_err")
+RATIOS = ("sw2_vs_truth", "moment_vs_truth", "sw2_vs_exact", "moment_vs_exact")
 
 
 def _ints(text: str) -> list[int]:
@@ -49,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec", default=str(HERE / "specs" / "gmm2d.json"), help="mixture JSON spec")
     p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="student step counts k")
     p.add_argument("--teacher-steps", type=_ints, default=[8, 16, 32, 64, 128, 256, 512])
+    p.add_argument("--exact-steps", type=_ints, default=None,
+                   help="ancestral steps for the exact denoiser's rows (default: --teacher-steps; '' for none)")
     p.add_argument("--teacher-only", action="store_true",
-                   help="train the teacher, score only the truth and teacher ancestral rows (no DDIM, no students)")
+                   help="train the teacher, score only the truth, exact and teacher ancestral rows (no DDIM, students)")
     p.add_argument("--algorithms", default="alternating,parameter_space")
     p.add_argument("--n-train", type=int, default=100_000, help="training samples drawn from the mixture")
     p.add_argument("--n-eval", type=int, default=10_000, help="samples per evaluated method (and the reference)")
@@ -81,6 +86,7 @@ def run_seed(args: argparse.Namespace, gm: GaussianMixture, seed: int, samples_d
     if samples_dir:
         samples_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    exact: dict[tuple[str, int], dict] = {}
 
     def record(method: str, k: int, x: torch.Tensor, seconds: float) -> None:
         row = {"method": method, "nfe": k, "seed": seed,
@@ -88,6 +94,11 @@ def run_seed(args: argparse.Namespace, gm: GaussianMixture, seed: int, samples_d
         if rows:  # the truth row comes first: every other row as a multiple of its noise floor
             row["sw2_vs_truth"] = row["sw2"] / rows[0]["sw2"]
             row["moment_vs_truth"] = row["moment_err"] / rows[0]["moment_err"]
+        if method == "teacher_ancestral" and ("exact_ancestral", k) in exact:  # the same sampler and noise
+            row["sw2_vs_exact"] = row["sw2"] / exact["exact_ancestral", k]["sw2"]
+            row["moment_vs_exact"] = row["moment_err"] / exact["exact_ancestral", k]["moment_err"]
+        if method == "exact_ancestral":
+            exact[method, k] = row
         rows.append(row)
         print(json.dumps(row), flush=True)
         if samples_dir:
@@ -101,10 +112,16 @@ def run_seed(args: argparse.Namespace, gm: GaussianMixture, seed: int, samples_d
                    generator=torch.Generator().manual_seed(seed + 1))
         record(method, k, x, time.perf_counter() - t0)
 
+    exact_steps = args.teacher_steps if args.exact_steps is None else args.exact_steps
+    t0 = time.perf_counter()
+    for n in exact_steps:
+        run_sampler("ancestral", SharedTimeMixtureDenoiser(gm, schedule), n, "exact_ancestral")
+    timings = {"exact_sample_s": time.perf_counter() - t0}
+
     t0 = time.perf_counter()
     teacher = lab.fit_teacher(data, schedule, width=args.width, depth=args.depth, steps=args.teacher_iters,
                               batch=args.batch, lr=args.teacher_lr, seed=seed, weighting=args.weighting)
-    timings = {"teacher_train_s": time.perf_counter() - t0}
+    timings["teacher_train_s"] = time.perf_counter() - t0
     for n in args.teacher_steps:
         run_sampler("ancestral", teacher.denoiser, n, "teacher_ancestral")
     if args.teacher_only:
@@ -135,7 +152,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (method, nfe), rs in groups.items():
         entry = {"method": method, "nfe": nfe, "seeds": [r["seed"] for r in rs]}
-        for key in (*METRICS, "sw2_vs_truth", "moment_vs_truth"):
+        for key in (*METRICS, *RATIOS):
             if key in rs[0]:
                 v = np.array([r[key] for r in rs], dtype=np.float64)
                 entry[key], entry[f"{key}_std"] = float(v.mean()), float(v.std())
@@ -168,23 +185,24 @@ def main(argv=None) -> dict:
     return result
 
 
-def _cell(r: dict, key: str, fmt: str) -> str:
+def _cell(r: dict, key: str, fmt: str, spread: bool = True) -> str:
     if key not in r:
         return ""
     std = r.get(f"{key}_std")
-    many = len(r.get("seeds", [])) > 1
-    return format(r[key], fmt) + (f" ± {format(std, fmt)}" if many and std is not None else "")
+    many = spread and len(r.get("seeds", [])) > 1 and std is not None
+    return format(r[key], fmt) + (f" ± {format(std, fmt)}" if many else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Rows or summary entries; with several seeds each cell is mean ± std."""
-    lines = ["| method | NFE | SW2 (lower) | mode-mass TV (lower) | log-lik (truth's best) | moment err (lower) "
-             "| mean err | cov err | SW2 / truth | moment / truth |",
+    """Rows or summary entries; with several seeds each cell is mean ± std over seeds (of per-seed ratios)."""
+    lines = ["| method | NFE | SW2 (lower) | mode-mass TV (lower) | log-lik (truth's best) | moment err = mean + cov "
+             "(lower) | SW2 / truth | moment / truth | SW2 / exact | moment / exact |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [_cell(r, "sw2", ".4f"), _cell(r, "mode_mass_tv", ".4f"), _cell(r, "loglik", ".3f"),
-                 _cell(r, "moment_err", ".4f"), _cell(r, "mean_err", ".4f"), _cell(r, "cov_err", ".4f"),
-                 _cell(r, "sw2_vs_truth", ".2f"), _cell(r, "moment_vs_truth", ".2f")]
+        moment = (f"{_cell(r, 'moment_err', '.4f')} ({_cell(r, 'mean_err', '.3f', False)} + "
+                  f"{_cell(r, 'cov_err', '.3f', False)})")
+        cells = [_cell(r, "sw2", ".4f"), _cell(r, "mode_mass_tv", ".4f"), _cell(r, "loglik", ".3f"), moment,
+                 *(_cell(r, key, ".2f") for key in RATIOS)]
         lines.append(f"| {r['method']} | {r['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -123,6 +123,27 @@ class GaussianMixture:
         r = torch.softmax(self.component_log_prob(z, alpha=alpha, sigma=sigma), dim=1)  # (N, K)
         return torch.einsum("nk,nkd->nd", r, x_k)
 
+    def denoise_shared(self, z: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """E[x | z_t] (N, D) when the whole batch shares one (alpha, sigma), as in a sampler's step.
+
+        Same values as `denoise`, with K factorisations of C_k instead of N K: in 64-D with K = 12 and N = 10k,
+        `denoise` builds 4 GB of (N, K, D, D) covariances per call, this O(K D^2 + N K D) memory.
+        """
+        z = z.to(torch.float64)
+        alpha, sigma = float(alpha), float(sigma)
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        logits, x_k = [], []
+        for k in range(self.num_components):
+            chol = torch.linalg.cholesky(alpha**2 * self.covs[k] + sigma**2 * eye)  # C_k = L L^T: (D, D)
+            w = torch.linalg.solve_triangular(chol, (z - alpha * self.means[k]).T, upper=False)  # L^-1 (z - m_k)
+            logdet = 2.0 * torch.log(torch.diagonal(chol)).sum()
+            log_norm = -0.5 * (w.pow(2).sum(0) + logdet + self.dim * math.log(2 * math.pi))  # (N,)
+            logits.append(torch.log(self.weights[k]) + log_norm)
+            sol = torch.linalg.solve_triangular(chol.T, w, upper=True)  # C_k^-1 (z - m_k): (D, N)
+            x_k.append(self.means[k] + alpha * (self.covs[k] @ sol).T)  # (N, D)
+        r = torch.softmax(torch.stack(logits, dim=1), dim=1)  # (N, K)
+        return torch.einsum("nk,knd->nd", r, torch.stack(x_k))
+
 
 class MixtureDenoiser(nn.Module):
     """The exact denoiser g(z_t, t, cond) = E[x | z_t (, component = cond)] as a module with the net interface."""
@@ -134,3 +155,13 @@ class MixtureDenoiser(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
         return self.mixture.denoise(z, alpha, sigma, cond).to(z.dtype)
+
+
+class SharedTimeMixtureDenoiser(MixtureDenoiser):
+    """MixtureDenoiser that takes `denoise_shared`'s K-factorisation path when the batch shares one t (samplers)."""
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None or t.numel() == 0 or not bool((t == t.flatten()[0]).all()):
+            return super().forward(z, t, cond)
+        alpha, sigma = self.schedule.alpha_sigma(t.flatten()[0].to(torch.float64))
+        return self.mixture.denoise_shared(z, alpha.item(), sigma.item()).to(z.dtype)

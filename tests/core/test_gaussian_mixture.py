@@ -139,3 +139,24 @@ def test_few_step_samplers_are_worse_than_many_and_ddim_collapses_at_one_step():
     assert one.std(0).max().item() < 1e-2  # logSNR clipped at -15: alpha_1 = 5.5e-4, not 0
     assert mode_mass_error(gm, one) > 0.4
     assert math.isfinite(sw[("anc", 1)])
+
+
+def test_shared_time_denoiser_matches_the_per_example_one():
+    # one (alpha, sigma) for the batch: K factorisations give the same E[x | z_t] as the (N, K, D, D) path
+    from rayflow.core.gaussian_mixture import SharedTimeMixtureDenoiser
+
+    gm = GaussianMixture.from_spec(
+        {"weights": [0.6, 0.4], "means": [[-1.5, 0.0, 0.2], [1.5, 0.5, -0.3]],
+         "covs": [[[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.1]], [[0.2, -0.05, 0.0], [-0.05, 0.4, 0.0],
+                                                                          [0.0, 0.0, 0.01]]]}
+    )
+    sch = CosineSchedule()
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in [1.0, 0.7, 0.2, 1 / 256, 0.0]:
+        alpha, sigma = sch.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        torch.testing.assert_close(gm.denoise_shared(z, alpha.item(), sigma.item()),
+                                   gm.denoise(z, alpha.expand(64), sigma.expand(64)))
+        tt = torch.full((64,), t, dtype=torch.float64)
+        torch.testing.assert_close(SharedTimeMixtureDenoiser(gm, sch)(z, tt), MixtureDenoiser(gm, sch)(z, tt))
+    mixed = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # falls back
+    torch.testing.assert_close(SharedTimeMixtureDenoiser(gm, sch)(z, mixed), MixtureDenoiser(gm, sch)(z, mixed))

@@ -144,3 +144,19 @@ def test_mixture_metrics_reports_the_moment_errors():
     # samples squeezed towards their means: cov error up, the truth's is small
     squeezed = component_moment_errors(gm, x * 0.5 + gm.means[gm.component_log_prob(x).argmax(1)] * 0.5)
     assert squeezed["cov_err"] > 0.7 > 5 * r["cov_err"]
+
+
+def test_shipped_benchmark_specs_load_and_the_generated_ones_regenerate(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    specs = Path(__file__).resolve().parents[2] / "benchmarks" / "specs"
+    for name, (dim, k) in {"gmm2d": (2, 6), "gmm16d": (16, 5), "ring2d": (2, 8), "gmm64d": (64, 12)}.items():
+        gm = GaussianMixture.from_json(specs / f"{name}.json")
+        assert (gm.dim, gm.num_components) == (dim, k), name
+    mod_spec = importlib.util.spec_from_file_location("make_specs", specs / "make_specs.py")
+    make_specs = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(make_specs)
+    make_specs.main(tmp_path)
+    for name in ("ring2d", "gmm64d"):
+        assert (tmp_path / f"{name}.json").read_bytes() == (specs / f"{name}.json").read_bytes(), name
