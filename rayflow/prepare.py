@@ -37,10 +37,10 @@ from ray.data.datasource import FilenameProvider
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.cli import fail, run_or_exit
+from rayflow.data.blocks import image_table
 from rayflow.data.sources import (
     SkipLog,
     image_folder,
-    image_table,
     list_class_files,
     list_files,
     make_source,

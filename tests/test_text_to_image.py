@@ -77,7 +77,7 @@ def test_nan_in_precomputed_embeddings_stops_with_the_row_named(ray_cluster, tmp
 
 @pytest.mark.slow  # MiniLM loads in two actors (prepare, then the online stage): ~1 min
 def test_prepared_embeddings_equal_the_online_encoder(ray_cluster, tmp_path):
-    from rayflow.data.shapes import shapes
+    from rayflow.data.sources import shapes
     from rayflow.data.text import encode_text
     from rayflow.orchestrate.datasets import source_dataset
     from rayflow.prepare import prepare_text

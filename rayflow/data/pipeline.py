@@ -18,7 +18,7 @@ from ray.data import DataContext, RandomSeedConfig
 from ray.data.dataset import MaterializedDataset
 from ray.data.extensions import ArrowTensorArray
 
-from rayflow.data.sources import image_table
+from rayflow.data.blocks import image_table
 from rayflow.data.transforms import horizontal_flip, stack_images, to_model_input
 
 if TYPE_CHECKING:

@@ -13,19 +13,14 @@ prompt (per attribute and for the whole caption). The classes are separable by d
 0.38-0.44 of `res` in size, drawn without anti-aliasing in saturated colours, with small jitter of
 position, size and brightness so that images of one class still vary.
 
-Pure numpy; Ray is imported only inside `shapes()`, which builds the Ray Dataset. This module must not
-import `rayflow.data.sources` at module level: `sources` imports `shapes` from here to register it.
+Pure numpy, no Ray: the Ray Dataset of these scenes is the built-in source `rayflow.data.sources.shapes`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import ray.data
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -287,17 +282,3 @@ def attribute_agreement(predicted: np.ndarray, target: np.ndarray) -> dict[str, 
     scores["all"] = float(np.mean(_check_labels(predicted) == _check_labels(target)))
     return scores
 
-
-def shapes(res: int = 16, *, n: int = 20000, seed: int = 0, num_blocks: int = 8) -> ray.data.Dataset:
-    """The shapes dataset as a Ray Dataset with columns `image` (uint8 (res, res, 3)), `label` (int64
-    class index) and `caption` (string); rows as `shapes_arrays(n, res, seed)`, in num_blocks blocks."""
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks={num_blocks} must be >= 1; FIX THIS by passing a positive block count")
-    import ray.data
-
-    # Lazily: sources imports this module to register `shapes`, so a module-level import would be a cycle.
-    from rayflow.data.sources import image_table
-
-    images, labels, captions = shapes_arrays(n, res, seed)
-    parts = np.array_split(np.arange(n), min(num_blocks, n))
-    return ray.data.from_arrow([image_table(images[p], labels[p], [captions[i] for i in p]) for p in parts])

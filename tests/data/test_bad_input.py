@@ -21,7 +21,8 @@ import ray
 from PIL import Image
 
 from rayflow.data.pipeline import build_train_dataset
-from rayflow.data.sources import SkipLog, _decode_rows, find_classes, image_folder, parquet_shards, webdataset_shards
+from rayflow.data.sources import SkipLog, find_classes, image_folder, parquet_shards, webdataset_shards
+from rayflow.data.sources.decode import decode_rows
 from rayflow.data.transforms import center_crop_resize, decode_image, to_model_input
 
 from .make_images import _encode, _picture, odd_images, write_tar
@@ -115,13 +116,13 @@ def test_any_image_size_becomes_c_res_res_in_unit_range(channels: int, method: s
 def test_each_skipped_file_is_logged_by_name(caplog: pytest.LogCaptureFixture) -> None:
     good = _png(np.zeros((4, 4, 3), np.uint8))
     rows = [("/d/a/ok.png", good, 0, None), ("/d/a/cut.JPEG", good[:20], 0, None), ("/d/b/empty.jpg", b"", 1, None)]
-    with caplog.at_level(logging.WARNING, logger="rayflow.data.sources"):
-        table = _decode_rows(rows, res=4, channels=3, crop="adm", on_error="skip", skip_log=None)
+    with caplog.at_level(logging.WARNING, logger="rayflow.data.sources.skips"):
+        table = decode_rows(rows, res=4, channels=3, crop="adm", on_error="skip", skip_log=None)
     assert table.num_rows == 1
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "/d/a/cut.JPEG" in lines[0] and "/d/b/empty.jpg: empty file" in lines[1]
     with pytest.raises(ValueError, match=r"^/d/a/cut\.JPEG: cannot decode.*FIX THIS") as info:
-        _decode_rows(rows, res=4, channels=3, crop="adm", on_error="raise", skip_log=None)
+        decode_rows(rows, res=4, channels=3, crop="adm", on_error="raise", skip_log=None)
     assert "\n" not in str(info.value)
 
 

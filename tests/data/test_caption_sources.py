@@ -15,7 +15,8 @@ import pytest
 import ray
 from PIL import Image
 
-from rayflow.data.sources import SkipLog, _decode_rows, parquet_shards, webdataset_shards
+from rayflow.data.sources import SkipLog, parquet_shards, webdataset_shards
+from rayflow.data.sources.decode import decode_rows
 from rayflow.data.transforms import center_crop_resize
 
 from .make_images import write_tar
@@ -224,7 +225,7 @@ def test_parquet_label_column_in_some_caption_shards_only_is_an_error(tmp_path: 
 def test_decode_rows_with_every_row_skipped_keeps_caption_and_pass_through_columns() -> None:
     emb = np.ones((4, 8), np.float32)
     rows = [("x", b"junk", -1, None, "a caption", (emb,))]
-    table = _decode_rows(
+    table = decode_rows(
         rows,
         res=4,
         channels=3,

@@ -24,9 +24,9 @@ from rayflow.data.shapes import (
     eval_prompts,
     parse_caption,
     render,
-    shapes,
     shapes_arrays,
 )
+from rayflow.data.sources import shapes
 
 # A pixel is part of an object when its brightest channel is well above black (the dimmest palette
 # colour at the lowest brightness jitter still has a channel >= 0.85 * 230).
