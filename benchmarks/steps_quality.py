@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     from rayflow.config import with_overrides
     from rayflow.evaluation.classifier import load_or_train_classifier
     from rayflow.evaluation.metrics import image_metrics
+    from rayflow.files import export_path
     from rayflow.models import guided, load_teacher
     from rayflow.orchestrate import evaluate
     from rayflow.orchestrate.training import export_student, run_training
@@ -205,12 +206,12 @@ def main(argv=None) -> None:
         sjob = with_overrides(job, {"distill.algorithm": algorithm, "distill.steps": k,
                                     "distill.train_images": n_img, "run.name": name})
         export_dir = os.path.join(sjob.run.absolute_storage(), name, "export")
-        path = os.path.join(export_dir, "student.pt")
+        path = export_path(export_dir, "student")
         extra = {"train_images": n_img, "ema_decay": sjob.distill.ema_decay, "lr_student": sjob.distill.lr_student}
         if not os.path.isfile(path):
             t0 = time.perf_counter()
             res = run_training(sjob, "distill", name)
-            export_student(res.checkpoint_dir, export_dir)
+            export_student(sjob, res.checkpoint_dir, export_dir)
             extra["train_s"] = round(time.perf_counter() - t0, 1)
             extra["train_images_per_s"] = round(n_img / extra["train_s"], 1)
         student = load_teacher(path, sjob.model, sjob.data, teacher=sjob.teacher)

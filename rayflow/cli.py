@@ -26,7 +26,7 @@ from rayflow.config import ConfigError, JobConfig, SweepConfig
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 ASSETS = Path(__file__).resolve().parent / "assets"
 FIX = "FIX THIS"
-# `${rayflow_asset:teacher-mnist16.pt}` in YAML: a file shipped inside the package (the demo's teacher).
+# `${rayflow_asset:teacher-mnist16.safetensors}` in YAML: a file shipped inside the package (the demo's teacher).
 OmegaConf.register_new_resolver("rayflow_asset", lambda name: str(ASSETS / name), replace=True)
 
 
@@ -48,6 +48,13 @@ def sweep_from_hydra(cfg: DictConfig) -> tuple[JobConfig, SweepConfig]:
     sweep = container.pop("sweep", None) or {}
     job = JobConfig.from_dict(container)
     return job, SweepConfig.from_dict(sweep, job)
+
+
+def typed_overrides() -> list[str]:
+    """The command line's overrides (`key=value`, `group=option`) of the running Hydra app; [] outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 class UserError(Exception):

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rayflow.files import sha256_file
+from rayflow.files import export_path, sha256_file
 
 TASKS = ("demo", "teacher", "distill")
 SOURCES = ("mnist", "digits", "shapes", "image_folder", "parquet", "webdataset")
@@ -465,7 +465,7 @@ class EvalConfig:
         """What `python -m rayflow.<command>` (evaluate | sample) draws, defaults filled in; ConfigError when the
         checkpoint (or, for sample, eval.out) is missing."""
         teacher = self.model == "teacher"
-        export = os.path.join(job.run.absolute_storage(), job.run.name, "export", f"{self.model}.pt")
+        export = export_path(os.path.join(job.run.absolute_storage(), job.run.name, "export"), self.model)
         path = self.checkpoint or (job.teacher.checkpoint if teacher and job.teacher.checkpoint else export)
         path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
         if not (os.path.isfile(path) or (teacher and job.teacher.adapter == "diffusers" and os.path.isdir(path))):

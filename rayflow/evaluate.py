@@ -15,14 +15,26 @@ import os
 
 from omegaconf import DictConfig
 
-from rayflow.cli import entry_point, job_from_hydra
+from rayflow.cli import entry_point, job_from_hydra, typed_overrides
 from rayflow.config import EvalTarget, JobConfig
+from rayflow.exports import apply_meta, read_meta, warn_bare
 
 
 def job_and_target(cfg: DictConfig, command: str) -> tuple[JobConfig, EvalTarget]:
-    """Hydra's config -> (validated JobConfig, the checkpoint and sampling that `command` uses)."""
+    """Hydra's config -> (validated JobConfig, the checkpoint and sampling that `command` uses). A rayflow export
+    says what network, data shape and step count it holds: those come from the file (see rayflow.exports)."""
+    from rayflow.orchestrate.generate import load_for_sampling
+
     job = job_from_hydra(cfg)
-    return job, job.eval.target(job, command)
+    target = job.eval.target(job, command)
+    meta = read_meta(target.checkpoint)
+    if meta is not None:
+        job = apply_meta(job, meta, target.checkpoint, typed_overrides())
+        target = job.eval.target(job, command)
+    load_for_sampling(job, target.checkpoint, target.model)  # a file that does not fit fails here, before Ray
+    if meta is None and target.checkpoint.endswith(".pt"):
+        warn_bare(target.checkpoint)
+    return job, target
 
 
 @entry_point("config")
@@ -30,10 +42,8 @@ def main(cfg: DictConfig) -> None:
     job, target = job_and_target(cfg, "evaluate")
     from rayflow import track  # Ray, torch and MLflow load only for a valid config
     from rayflow.orchestrate.evaluate import evaluate_checkpoint
-    from rayflow.orchestrate.generate import load_for_sampling
     from rayflow.orchestrate.jobs import ensure_ray
 
-    load_for_sampling(job, target.checkpoint, target.model)  # a wrong file fails here, before Ray starts
     ensure_ray()
     ev = evaluate_checkpoint(job, target)
     stem = f"{ev['name']}-{target.steps}steps"

@@ -13,3 +13,10 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def export_path(directory: str, name: str) -> str:
+    """`<directory>/<name>.safetensors` (a self-describing export), or an older run's `<name>.pt` when only that
+    exists."""
+    new, old = os.path.join(directory, name + ".safetensors"), os.path.join(directory, name + ".pt")
+    return old if os.path.isfile(old) and not os.path.isfile(new) else new

@@ -34,14 +34,13 @@ def main(cfg: DictConfig) -> None:
 
     from rayflow import track  # Ray and torch load only for a valid config
     from rayflow.files import sha256_file
-    from rayflow.orchestrate.generate import draw_samples, load_for_sampling, sample_conditions
+    from rayflow.orchestrate.generate import draw_samples, sample_conditions
     from rayflow.orchestrate.jobs import ensure_ray
 
     # One batch samples on the driver, without starting Ray (seconds instead of a cluster start-up); more go to
     # eval.workers actors. The samples are the same either way (per-sample seeds).
     one_batch = target.samples <= job.run.eval_batch
     if not one_batch:
-        load_for_sampling(job, target.checkpoint, target.model)  # a wrong file fails here, before Ray starts
         ensure_ray()
     cond, labels, captions = sample_conditions(job, target.samples)
     x, secs = draw_samples(job, target.checkpoint, target.model, target.sampler, target.steps, cond,

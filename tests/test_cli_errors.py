@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from rayflow.config import JobConfig
+from rayflow.models import build_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "rayflow" / "assets"
 
 
 def _closed_port() -> int:
@@ -27,7 +30,10 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     full = tmp / "full"
     full.mkdir()
     (full / "x").write_text("")
-    wrong = str(ASSETS / "teacher-shapes16.pt")  # a text UNet, not the default MNIST model
+    wrong = str(tmp / "wrong.pt")  # a bare state_dict of another network than the default MNIST model
+    job = JobConfig.from_dict({"data": {"resolution": 8}, "model": {"channels": 8, "channel_mult": [1],
+                                                                   "attn_levels": []}})
+    torch.save(build_denoiser(job.model, job.data).state_dict(), wrong)
     sweep_db = f"tracking.uri=sqlite:///{tmp / 'empty.db'}"
     return [
         ("train", ["distill.stepz=3"], "unknown config key 'distill.stepz'"),

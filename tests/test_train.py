@@ -73,7 +73,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(smoke_run):
         assert key in run.data.metrics, key
     arts = {a.path for a in client.list_artifacts(out["run_id"], "images/samples")}
     assert {"images/samples/student.png", "images/samples/teacher_ancestral.png"} <= arts
-    assert [a.path for a in client.list_artifacts(out["run_id"], "student")] == ["student/student.pt"]
+    assert [a.path for a in client.list_artifacts(out["run_id"], "student")] == ["student/student.safetensors"]
 
 
 def test_rerun_after_interrupted_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):

@@ -89,7 +89,7 @@ def test_every_trial_is_a_child_run_with_params_and_metrics(sweep_run, mlflow_se
             grids = {a.path for a in client.list_artifacts(c.info.run_id, "images/progress")}
             assert grids == {"images/progress/step_0000000512.png", "images/progress/step_0000001024.png"}
             weights = {a.path for a in client.list_artifacts(c.info.run_id, "student")}
-            assert weights == {"student/student.pt", "student/student_best.pt"}
+            assert weights == {"student/student.safetensors", "student/student_best.safetensors"}
             best = min(h.value for h in history)
             assert m["best.eval.proxy_fd"] == pytest.approx(best)
         else:

@@ -12,6 +12,7 @@ import torch
 
 from rayflow import track
 from rayflow.config import JobConfig
+from rayflow.files import export_path
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.lease import hold
 from rayflow.orchestrate.preflight import check_job
@@ -42,13 +43,13 @@ def train_and_export(
                        callbacks=[track.MLflowReportCallback(uri, run_id, prefix=prefix, spool=spool), *callbacks])
     track.replay_spool(uri, run_id, spool)
     _log_skipped(uri, run_id, prefix, res.skipped, export_dir, role)
-    path, digest = export(res.checkpoint_dir, export_dir)
+    path, digest = export(job, res.checkpoint_dir, export_dir)
     artifact = "teacher" if role == "teacher" else "student"
     track.log_artifact_file(uri, run_id, path, artifact)
     out[f"{role}_train"] = res.return_value
     out[f"{artifact}_sha256"] = digest
     if role == "distill" and res.best_checkpoint_dir:  # the best in-training evaluation, kept beside the last
-        best, best_digest = export_student(res.best_checkpoint_dir, export_dir, "student_best.pt")
+        best, best_digest = export_student(job, res.best_checkpoint_dir, export_dir, "student_best")
         track.log_artifact_file(uri, run_id, best, artifact)
         m = res.best_metrics
         track.log_metrics(uri, run_id, {f"best.{BEST_METRIC}": m[BEST_METRIC], "best.images_seen": m["images_seen"]},
@@ -87,7 +88,7 @@ def resolve_teacher(job: JobConfig, run_id: str, export_dir: str, out: dict) -> 
     always trains; otherwise a teacher already exported to export_dir is reused)."""
     if job.teacher.checkpoint and job.task != "teacher":
         return job.teacher.checkpoint
-    teacher_path = os.path.join(export_dir, "teacher.pt")
+    teacher_path = export_path(export_dir, "teacher")
     if job.task == "teacher" or not os.path.isfile(teacher_path):
         teacher_path = train_and_export(job, "teacher", export_teacher, export_dir, run_id, out)
     return teacher_path

@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from rayflow.config import JobConfig
 from rayflow.core.moment_matching import adam_preconditioner
 from rayflow.data.sources import SkipLog, SkippedFile
+from rayflow.exports import SUFFIX, describe, write_export
 from rayflow.models import save_state_dict
 from rayflow.orchestrate.datasets import source_dataset, train_dataset
 from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
@@ -136,13 +137,14 @@ def load_checkpoint_state(checkpoint_dir: str) -> dict:
     return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
-    """Write the teacher's EMA weights as `teacher.pt` (state_dict only) and, as `teacher_precond.pt`, the
-    parameter-space preconditioner 1 / (sqrt(Adam v) + 1e-8) by parameter name. Returns (path, sha256)."""
+def export_teacher(job: JobConfig, checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
+    """Write the teacher's EMA weights as `teacher.safetensors` (with the metadata that describes it, see
+    rayflow.exports) and, as `teacher_precond.pt`, the parameter-space preconditioner 1 / (sqrt(Adam v) + 1e-8) by
+    parameter name. Returns (path, sha256)."""
     state = load_checkpoint_state(checkpoint_dir)
     weights = state["ema"]["module"]
-    path = os.path.join(out_dir, "teacher.pt")
-    digest = save_state_dict(weights, path)
+    path = os.path.join(out_dir, "teacher" + SUFFIX)
+    digest = write_export(weights, path, describe(job, "teacher"))
     # parameters are the floating-point state entries in registration order (buffers: none in rayflow's nets)
     names = [k for k in state["models"]["teacher"] if k in weights and weights[k].is_floating_point()]
     precond = adam_preconditioner(state["optimizers"]["teacher"], names, eps=PRECOND_EPS)  # raises on a mismatch
@@ -150,8 +152,9 @@ def export_teacher(checkpoint_dir: str, out_dir: str) -> tuple[str, str]:
     return path, digest
 
 
-def export_student(checkpoint_dir: str, out_dir: str, name: str = "student.pt") -> tuple[str, str]:
-    """Write the student's EMA weights as `name` (state_dict only). Returns (path, sha256)."""
+def export_student(job: JobConfig, checkpoint_dir: str, out_dir: str, name: str = "student") -> tuple[str, str]:
+    """Write the student's EMA weights as `<name>.safetensors`, described (k, network, schedule; rayflow.exports).
+    Returns (path, sha256)."""
     state = load_checkpoint_state(checkpoint_dir)
-    path = os.path.join(out_dir, name)
-    return path, save_state_dict(state["ema"]["module"], path)
+    path = os.path.join(out_dir, name + SUFFIX)
+    return path, write_export(state["ema"]["module"], path, describe(job, "student"))

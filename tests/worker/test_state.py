@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from rayflow.config import JobConfig
+from rayflow.exports import read_meta
 from rayflow.models import save_state_dict
 from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.orchestrate.training import export_student, export_teacher
 from rayflow.teachers import PRECOND_NAME as TEACHER_PRECOND
+from rayflow.teachers import read_state_dict
 from rayflow.worker.loop import STATE_FILE
 from rayflow.worker.state import build_state
 
@@ -36,13 +38,15 @@ def exported_teacher(tmp_path):
         state.step(n, x, y)
     ckpt = tmp_path / "ckpt"
     save_state_dict(state.state_dict(), ckpt / STATE_FILE)
-    path, digest = export_teacher(str(ckpt), str(tmp_path / "export"))
+    path, digest = export_teacher(_job(), str(ckpt), str(tmp_path / "export"))
     return state, path, digest
 
 
 def test_teacher_export_holds_ema_weights_and_preconditioner(exported_teacher, tmp_path):
     state, path, digest = exported_teacher
-    weights = torch.load(path, weights_only=True)
+    weights = read_state_dict(path)
+    meta = read_meta(path)
+    assert meta["kind"] == "teacher" and meta["model"]["channels"] == 8 and meta["data"]["resolution"] == 8
     for k, v in state.ema.module.state_dict().items():
         assert torch.equal(weights[k], v)
     pre = torch.load(tmp_path / "export" / TEACHER_PRECOND, weights_only=True)
@@ -80,14 +84,16 @@ def test_distill_state_round_trips_through_a_checkpoint(exported_teacher, tmp_pa
     torch.manual_seed(1)
     m2 = b.step(4, x, y, torch.Generator().manual_seed(7))
     assert m1 == m2
-    out, _ = export_student_from(a, tmp_path)
-    assert set(torch.load(out, weights_only=True)) == set(a.ema.module.state_dict())
+    out, _ = export_student_from(a, job, tmp_path)
+    assert set(read_state_dict(out)) == set(a.ema.module.state_dict())
+    meta = read_meta(out)
+    assert meta["kind"] == "student" and meta["steps"] == 2 and meta["teacher"]["sha256"] == digest
 
 
-def export_student_from(state, tmp_path):
+def export_student_from(state, job, tmp_path):
     ckpt = tmp_path / "student-ckpt"
     save_state_dict(state.state_dict(), ckpt / STATE_FILE)
-    return export_student(str(ckpt), str(tmp_path / "student-export"))
+    return export_student(job, str(ckpt), str(tmp_path / "student-export"))
 
 
 def test_teacher_checkpoint_errors_are_clear(exported_teacher, tmp_path):
@@ -131,7 +137,7 @@ def test_parameter_space_without_a_preconditioner_is_an_error_unless_identity(ex
 
 def test_adam_preconditioner_requested_for_a_teacher_without_one_is_an_error(exported_teacher, tmp_path):
     _, path, _ = exported_teacher
-    bare = tmp_path / "bare" / "teacher.pt"
+    bare = tmp_path / "bare" / "teacher.safetensors"
     bare.parent.mkdir()
     bare.write_bytes(open(path, "rb").read())
     job = _job(teacher__checkpoint=str(bare), distill__algorithm="parameter_space", distill__precondition="adam")
