@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rayflow.config import ConfigError, JobConfig, SweepConfig
+from rayflow.resolve import resolve
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -38,15 +39,15 @@ def plain(cfg: DictConfig) -> dict:
 
 
 def job_from_hydra(cfg: DictConfig) -> JobConfig:
-    """Hydra's composed config -> validated JobConfig."""
-    return JobConfig.from_dict(plain(cfg))
+    """Hydra's composed config -> validated, resolved JobConfig (file digests and lookups done, `resolve`)."""
+    return resolve(JobConfig.from_dict(plain(cfg)))
 
 
 def sweep_from_hydra(cfg: DictConfig) -> tuple[JobConfig, SweepConfig]:
-    """conf/tune.yaml composed -> (the trials' base JobConfig, SweepConfig), both validated."""
+    """conf/tune.yaml composed -> (the trials' base JobConfig, resolved; SweepConfig), both validated."""
     container = plain(cfg)
     sweep = container.pop("sweep", None) or {}
-    job = JobConfig.from_dict(container)
+    job = resolve(JobConfig.from_dict(container))
     return job, SweepConfig.from_dict(sweep, job)
 
 

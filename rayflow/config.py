@@ -1,7 +1,9 @@
 """Typed job configuration below the entry points: dataclasses with validation that says how to fix a value.
 
-Hydra composes YAML from conf/ into a plain dict; `JobConfig.from_dict` turns it into these objects. Nothing
-below the entry points sees Hydra or OmegaConf.
+Hydra composes YAML from conf/ into a plain dict; `JobConfig.from_dict` turns it into these objects and validates
+them: types, ranges, cross-field rules, no I/O. What needs files (teacher digests, encoder dimensions, the FID
+weights' hash) is filled in once on the driver by `rayflow.resolve.resolve` before anything starts. Nothing below
+the entry points sees Hydra or OmegaConf.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rayflow.files import export_path, sha256_file
+from rayflow.files import export_path
 
 TASKS = ("demo", "teacher", "distill")
 SOURCES = ("mnist", "digits", "shapes", "image_folder", "parquet", "webdataset")
@@ -23,8 +25,13 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key and the fix."""
 
 
+def invalid(key: str, value: Any, fix: str) -> ConfigError:
+    """The error for a bad value of `key`: names the key, the value and how to fix it."""
+    return ConfigError(f"config key '{key}' = {value!r} is invalid. FIX THIS by {fix}")
+
+
 def _fail(key: str, value: Any, fix: str) -> None:
-    raise ConfigError(f"config key '{key}' = {value!r} is invalid. FIX THIS by {fix}")
+    raise invalid(key, value, fix)
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -106,13 +113,6 @@ class DataConfig:
         _check_int("data.text_encoder_workers", self.text_encoder_workers, 1)
         _check_positive("data.text_encoder_cpus", self.text_encoder_cpus)
         _check_choice("data.text_encoder_device", self.text_encoder_device, ("cpu", "cuda"))
-        if self.text_dim <= 0:
-            from rayflow.data.text import encoder_dim  # reads the encoder's config.json; no weights are loaded
-
-            try:
-                self.text_dim = encoder_dim(self.text_encoder, self.text_encoder_path)
-            except (ValueError, ImportError, OSError) as e:
-                raise ConfigError(f"config key 'data.text_encoder' = {self.text_encoder!r}: {e}") from None
 
 
 @dataclass
@@ -195,8 +195,6 @@ class TeacherConfig:
         _check_positive("teacher.guidance_scale", self.guidance_scale, allow_zero=True)
         _check_positive("teacher.sample_steps", self.sample_steps)
         self._validate_adapter()
-        if not self.files_sha256:
-            self._record_files()
 
     def _validate_adapter(self) -> None:
         _check_choice("teacher.adapter", self.adapter, TEACHER_ADAPTERS)
@@ -230,15 +228,6 @@ class TeacherConfig:
         _check_positive("teacher.sigma_min", self.sigma_min)
         if not self.sigma_max > self.sigma_min:
             _fail("teacher.sigma_max", self.sigma_max, f"setting a sigma_max above sigma_min={self.sigma_min}")
-
-    def _record_files(self) -> None:
-        from rayflow.teachers import file_digests  # lazily: it needs torch, which a config error should not wait for
-
-        try:
-            self.files_sha256 = file_digests(self)
-        except (OSError, ValueError, KeyError) as e:
-            _fail("teacher.checkpoint", self.checkpoint, f"fixing the teacher's files: {e}")
-
 
 @dataclass
 class DistillConfig:
@@ -428,8 +417,9 @@ class EvalConfig:
         if len(sha) < 8 or any(c not in "0123456789abcdef" for c in sha):
             _fail("eval.inception_sha256", self.inception_sha256, "giving the weights file's hex SHA-256 (sha256sum "
                   f"FILE), or leaving the default {FID_INCEPTION_SHA256}")
-        if self.inception_weights is not None and not self.inception_file_sha256:
-            self._check_inception_weights()
+        if self.inception_weights is not None and "://" in str(self.inception_weights):
+            _fail("eval.inception_weights", self.inception_weights, "copying the file to local disk (it is never "
+                  f"downloaded): download {FID_INCEPTION_URL} once and point eval.inception_weights at it")
         _check_int("eval.fid_reference_samples", self.fid_reference_samples, 2)
         _check_int("eval.workers", self.workers, 0)
         _check_positive("eval.cpus_per_worker", self.cpus_per_worker)
@@ -457,9 +447,6 @@ class EvalConfig:
             if not data.text:
                 _fail("eval.clip_model", self.clip_model, "leaving it null: CLIP scores captions, and this data has "
                       "none (data.text_encoder=none)")
-            if not os.path.isfile(os.path.join(os.path.expanduser(self.clip_model), "config.json")):
-                _fail("eval.clip_model", self.clip_model, "pointing it at a local CLIP folder (save_pretrained of "
-                      "a CLIP model, with config.json)")
 
     def target(self, job: JobConfig, command: str) -> EvalTarget:
         """What `python -m rayflow.<command>` (evaluate | sample) draws, defaults filled in; ConfigError when the
@@ -483,23 +470,6 @@ class EvalConfig:
             samples=self.samples or job.run.eval_samples,
             seed=job.run.seed + 17 if self.seed is None else self.seed,
         )
-
-    def _check_inception_weights(self) -> None:
-        path = str(self.inception_weights)
-        fix = (f"downloading {FID_INCEPTION_URL} once and setting eval.inception_weights=/path/to/"
-               "pt_inception-2015-12-05-6726825d.pth (or null to skip FID and IS)")
-        if "://" in path:
-            _fail("eval.inception_weights", path, f"copying the file to local disk (it is never downloaded): {fix}")
-        self.inception_weights = os.path.abspath(os.path.expanduser(path))
-        if not os.path.isfile(self.inception_weights):
-            _fail("eval.inception_weights", path, f"{fix}; no file is there")
-        got, want = sha256_file(self.inception_weights), str(self.inception_sha256).strip().lower()
-        if not got.startswith(want):
-            _fail("eval.inception_weights", path, f"{fix}: this file has SHA-256 {got}, not eval.inception_sha256="
-                  f"{want} (a different or damaged file gives incomparable FID/IS; set eval.inception_sha256 to its "
-                  "hash only if you mean to use other weights)")
-        self.inception_file_sha256 = got
-
 
 @dataclass
 class JobConfig:

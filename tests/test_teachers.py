@@ -21,6 +21,7 @@ from rayflow.core.moment_matching import gradient_preconditioner
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import LinearBetaSchedule, TableSchedule
 from rayflow.models import load_teacher
+from rayflow.resolve import resolve
 from rayflow.teachers import read_state_dict, sha256_file
 from rayflow.worker.state import build_state
 
@@ -150,7 +151,7 @@ def _job(teacher: dict, **sections) -> JobConfig:
          "model": {"channels": 8, "channel_mult": [1], "attn_levels": []},
          "task": "distill" if teacher.get("checkpoint") else "demo",
          "teacher": teacher, **sections}
-    return JobConfig.from_dict(d)
+    return resolve(JobConfig.from_dict(d))  # as the driver does: the teacher files' digests recorded
 
 
 def _save(module: nn.Module, path, fmt: str = "safetensors") -> str:
@@ -377,7 +378,7 @@ def test_config_errors_name_the_key_and_the_fix(user_pkg, tmp_path):
     ]
     for teacher, needle in bad:
         with pytest.raises(ConfigError, match=needle) as e:
-            JobConfig.from_dict({"teacher": teacher})
+            resolve(JobConfig.from_dict({"teacher": teacher}))
         assert "FIX THIS" in str(e.value), teacher
     from rayflow.teachers import build_adapter
 

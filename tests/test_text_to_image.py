@@ -18,12 +18,13 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.config import ConfigError, DataConfig, JobConfig
+from rayflow.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job(**data) -> JobConfig:
-    return JobConfig.from_dict({"data": data, "teacher": {"checkpoint": None}})
+    return resolve(JobConfig.from_dict({"data": data, "teacher": {"checkpoint": None}}))
 
 
 @pytest.mark.parametrize("data,key", [
@@ -150,7 +151,8 @@ def test_eval_text_keys_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.clip_model.*this data has\s+none"):
         JobConfig.from_dict({"data": {}, "teacher": {"checkpoint": None}, "eval": {"clip_model": str(tmp_path)}})
     with pytest.raises(ConfigError, match=r"eval\.clip_model.*local CLIP folder"):
-        JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"clip_model": str(tmp_path)}})
+        resolve(JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None},
+                                     "eval": {"clip_model": str(tmp_path)}}))
     with pytest.raises(ConfigError, match=r"eval\.captions"):
         JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": []}})
     job = JobConfig.from_dict({"data": text, "teacher": {"checkpoint": None}, "eval": {"captions": "a red circle"}})

@@ -20,6 +20,7 @@ from rayflow.evaluation import inception as inception_module
 from rayflow.evaluation.fid import fid_from_stats, inception_features
 from rayflow.orchestrate import evaluate as evaluate_module
 from rayflow.orchestrate.evaluate import evaluate, fid_reference, real_images
+from rayflow.resolve import resolve
 from tests.evaluation.test_inception import _random_net
 from tests.orchestrate.test_generate import save_tiny_teacher, tiny_job
 
@@ -37,7 +38,7 @@ def test_config_pins_the_inception_module_hash_and_url():
 
 def test_missing_weights_fail_before_anything_runs_and_say_where_to_get_them(tmp_path):
     with pytest.raises(ConfigError, match="eval.inception_weights") as e:
-        JobConfig.from_dict({"eval": {"inception_weights": str(tmp_path / "pt_inception.pth")}})
+        resolve(JobConfig.from_dict({"eval": {"inception_weights": str(tmp_path / "pt_inception.pth")}}))
     assert "FIX THIS" in str(e.value) and inception_module.FID_WEIGHTS_URL in str(e.value)
     with pytest.raises(ConfigError, match="local disk"):
         JobConfig.from_dict({"eval": {"inception_weights": "s3://bucket/pt_inception.pth"}})
@@ -85,11 +86,11 @@ def weights(tmp_path_factory) -> tuple[str, str]:
 def test_weights_hash_is_checked_on_the_driver_and_recorded_for_workers(weights, tmp_path):
     path, sha = weights
     with pytest.raises(ConfigError, match=f"eval.inception_weights.*{sha}") as e:
-        JobConfig.from_dict({"eval": {"inception_weights": path}})  # the pinned pytorch-fid hash
+        resolve(JobConfig.from_dict({"eval": {"inception_weights": path}}))  # the pinned pytorch-fid hash
     assert "FIX THIS" in str(e.value)
     copy = tmp_path / "w.pth"
     copy.write_bytes(Path(path).read_bytes())
-    job = JobConfig.from_dict({"eval": {"inception_weights": str(copy), "inception_sha256": sha[:8]}})
+    job = resolve(JobConfig.from_dict({"eval": {"inception_weights": str(copy), "inception_sha256": sha[:8]}}))
     assert job.eval.inception_file_sha256 == sha
     copy.unlink()  # a Train worker on another node: the recorded hash stands, no file needed to build the config
     assert JobConfig.from_dict(job.to_dict()).eval.inception_weights == str(copy)
