@@ -69,6 +69,15 @@ def test_evaluate_scores_a_student_at_k_and_a_teacher_at_n_steps(ray_cluster, ch
     out = _printed_json(proc.stdout)
     assert out["metrics"]["eval.teacher_ancestral.nfe"] == 3 and out["sampler"] == "ancestral"
     assert Path(out["metrics_file"]).name == "teacher_ancestral-3steps.json" and Path(out["metrics_file"]).is_file()
+    # the teacher's samples are cached by (file SHA-256, sampler, steps, seed, conditions): a rerun reads them back
+    cached = list((tmp / "runs" / "cache" / "teacher-samples").glob("*.pt"))
+    assert len(cached) == 1
+    again = _run(_cmd("evaluate", tmp, f"eval.checkpoint={path}", "eval.model=teacher", "eval.steps=3",
+                      "eval.samples=16"), ray_cluster["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    fd = "eval.teacher_ancestral.fd"
+    assert _printed_json(again.stdout)["metrics"][fd] == out["metrics"][fd]
+    assert list((tmp / "runs" / "cache" / "teacher-samples").glob("*.pt")) == cached
 
 
 def test_sample_writes_npz_and_pngs_identically_on_any_worker_count(ray_cluster, checkpoint):

@@ -23,6 +23,8 @@ from rayflow.evaluation.fid import (
 from rayflow.evaluation.generate import generate_samples
 from rayflow.evaluation.inception import FIDInceptionV3, load_fid_inception
 from rayflow.evaluation.metrics import image_metrics, real_reference, save_reference, with_caption_consistency
+from rayflow.files import sha256_file
+from rayflow.models import save_state_dict
 from rayflow.orchestrate.datasets import train_dataset
 from rayflow.orchestrate.generate import draw_samples, eval_conditions, image_shape
 
@@ -118,7 +120,7 @@ def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int
     clip = load_clip(job)
     samples = {}
     for r in runs:
-        x, secs = draw_samples(job, r.path, r.model, r.sampler, r.steps, cond, seed=seed)
+        x, secs = _teacher_samples_cached(job, r, cond, seed, cache_dir)
         m = with_caption_consistency(image_metrics(classifier, x, labels, real_x, real_y), job.data.text)
         if clip is not None:
             m |= clip.score(x, captions)
@@ -130,6 +132,23 @@ def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int
         samples[r.name] = x
     return {"metrics": metrics, "samples": samples, "classifier_sha256": clf_sha,
             "fid_reference": None if ref is None else {"sha256": ref.sha256, "n": ref.n, "meta": ref.meta}}
+
+
+def _teacher_samples_cached(job: JobConfig, r: EvalRun, cond: torch.Tensor, seed: int, cache_dir: str):
+    """draw_samples for a run; a teacher's samples are cached by (teacher file SHA-256, guidance, sampler, steps,
+    seed, conditions): the demo's 256-step teacher rows cost minutes and never change between runs. Samples depend
+    only on these (per-sample seeds), so a cached row equals a fresh one."""
+    if r.model != "teacher" or not os.path.isfile(r.path):
+        return draw_samples(job, r.path, r.model, r.sampler, r.steps, cond, seed=seed)
+    key = hashlib.sha256(repr((sha256_file(r.path), job.teacher.guidance_scale, r.sampler, r.steps, seed,
+                               hashlib.sha256(cond.numpy().tobytes()).hexdigest())).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir, "teacher-samples", f"{key}.pt")
+    if os.path.isfile(path):
+        hit = torch.load(path, map_location="cpu", weights_only=True)
+        return hit["x"], float(hit["seconds"])
+    x, secs = draw_samples(job, r.path, r.model, r.sampler, r.steps, cond, seed=seed)
+    save_state_dict({"x": x, "seconds": torch.tensor(secs)}, path)
+    return x, secs
 
 
 def evaluate_checkpoint(job: JobConfig, target: EvalTarget) -> dict:
