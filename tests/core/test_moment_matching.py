@@ -328,3 +328,30 @@ def test_aux_teacher_term_weight():
     for c in (0.0, 0.5, 1.0):
         got = AlternatingMomentMatching(SCH, steps=2, aux_teacher_weight=c).aux_loss(r, aux, teacher, None)
         torch.testing.assert_close(got.detach(), r.weight * (first + c * second))
+
+
+def _count_calls(module, counts, name):
+    module.register_forward_pre_hook(lambda *_: counts.__setitem__(f"{name}.forward", counts[f"{name}.forward"] + 1))
+    module.register_full_backward_hook(
+        lambda *_: counts.__setitem__(f"{name}.backward", counts[f"{name}.backward"] + 1))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_each_update_makes_no_redundant_network_passes():
+    """The cost per update, counted: an aux update is student (no grad) + teacher + aux forward, aux backward; a
+    student update is student forward/backward + aux + teacher forward (method.md 4). A teacher step is one
+    forward and one backward, so alternating costs ~5/3 teacher steps per update at most."""
+    from collections import Counter
+
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(teacher), clone_trainable(_denoiser(3))
+    counts = Counter()
+    for net, name in ((teacher, "teacher"), (student, "student"), (aux, "aux")):
+        _count_calls(net, counts, name)
+    step = AlternatingStep(AlternatingMomentMatching(SCH, steps=2), teacher, student, aux,
+                           make_adam(student.parameters(), 1e-3), make_adam(aux.parameters(), 1e-3))
+    step(0, torch.randn(16, 3), None)
+    assert counts == {"student.forward": 1, "teacher.forward": 1, "aux.forward": 1, "aux.backward": 1}
+    counts.clear()
+    step(1, torch.randn(16, 3), None)
+    assert counts == {"student.forward": 1, "student.backward": 1, "teacher.forward": 1, "aux.forward": 1}
