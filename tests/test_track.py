@@ -179,7 +179,7 @@ def test_report_callback_pickles_and_logs_rank0(store, experiment, tmp_path):
 
 def test_report_callback_survives_tracking_errors(store, caplog):
     cb = track.MLflowReportCallback(store.uri, "0" * 32)  # no such run
-    with caplog.at_level(logging.WARNING, logger="rayflow.track"):
+    with caplog.at_level(logging.WARNING, logger="rayflow.track.callback"):
         cb.after_report(run_context=None, metrics=[{"loss": 1.0, "images_seen": 1}], checkpoint=None)
     assert "training continues" in caplog.text
 
