@@ -2,7 +2,8 @@
 
 The configs ship inside the package (`rayflow/conf`; the checkout's top-level `conf/` links to it), so a wheel
 install composes them too. Entry points are the only modules that see Hydra's DictConfig: they turn it into
-validated dataclasses here and hand those on.
+validated dataclasses here and hand those on. The dataclasses of rayflow.config are Hydra's schema, registered
+here (`register_schema`): every key, type and default lives in them, and the YAML only selects and overrides.
 
 User errors (a bad key or value, a missing file or folder, a run another driver holds, ...) end the command with
 exit status 2 and one line on stderr, `rayflow: <what is wrong>; FIX THIS by <how>`, and no traceback. Every
@@ -15,10 +16,12 @@ import functools
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rayflow.config import ConfigError, JobConfig, SweepConfig
@@ -29,6 +32,28 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 FIX = "FIX THIS"
 # `${rayflow_asset:teacher-mnist16.safetensors}` in YAML: a file shipped inside the package (the demo's teacher).
 OmegaConf.register_new_resolver("rayflow_asset", lambda name: str(ASSETS / name), replace=True)
+# Sections registered with every key and default but untyped: users replace their free-form mappings by deleting
+# and re-adding them (`'~teacher.net' '+teacher.net={...}'`, `'~sweep.space' '+sweep.space={...}'`, README), and
+# OmegaConf refuses to delete a field of a typed node. JobConfig and SweepConfig check these types instead.
+UNTYPED_SECTIONS = ("teacher", "sweep")
+
+
+def register_schema() -> None:
+    """Register the dataclasses with Hydra as structured configs: `base_job` (JobConfig; conf/config.yaml's defaults
+    list starts with it) and `base_sweep` (SweepConfig under `sweep`; conf/tune.yaml). So Hydra knows every key, its
+    type and its default from the one place they live, and the YAML only selects and overrides."""
+    job = JobConfig()
+    node: dict[str, Any] = {"task": job.task}
+    for f in fields(JobConfig):
+        if f.name != "task":
+            section = getattr(job, f.name)
+            node[f.name] = asdict(section) if f.name in UNTYPED_SECTIONS else OmegaConf.structured(section)
+    store = ConfigStore.instance()
+    store.store(name="base_job", node=node)
+    store.store(name="base_sweep", node={"sweep": asdict(SweepConfig())})
+
+
+register_schema()  # with the resolver above: before any entry point, test or benchmark composes conf/
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -102,8 +127,18 @@ def run_or_exit(fn: Callable, *args: Any) -> Any:
 
 
 def _hydra_message(err: Exception) -> str:
+    from omegaconf.errors import ConfigTypeError, ValidationError
+
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = " ".join(lines)
+    cause, key = err.__cause__, getattr(err.__cause__, "full_key", None)
+    if isinstance(cause, ValidationError) and key:  # a value the typed schema (rayflow/config/) cannot take
+        what = str(cause).splitlines()[0]
+        return (f"config key '{key}' is invalid: {what}; FIX THIS by giving {key} a value of its type "
+                "(`--cfg job` prints every key with its default)")
+    if isinstance(cause, ConfigTypeError) and "deletion" in str(cause) and key:
+        return (f"config key '{key}' cannot be deleted (every key of the typed config has a default); FIX THIS "
+                f"by setting it instead: {key}=VALUE")
     if "Available options in" in text:
         i = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
         options = [ln for ln in lines[i + 1:] if not ln.startswith(("Config search path", "provider="))]
@@ -111,8 +146,16 @@ def _hydra_message(err: Exception) -> str:
     if "To append to your config use" in text:
         key = re.search(r"Could not override '([^']+)'", text)
         return (f"unknown config key '{key.group(1) if key else lines[0]}'; FIX THIS by checking its spelling "
-                "(`--cfg job` prints every key), or adding a new key with +key=value")
+                "(`--cfg job` prints every key), or adding it with +key=value inside a free-form mapping (teacher.net, "
+                "sweep.space)")
     return f"{lines[0] if lines else err}; FIX THIS by correcting the command-line override (key=value)"
+
+
+def force_add(arg: str) -> str:
+    """`+section.key=value` -> `++section.key=value` (add, or set if present). Before the dataclasses were Hydra's
+    schema, keys a YAML file left out had to be added with `+` (the unknown-key error says so); they are all
+    present now, where Hydra's `+` refuses an existing key. Group selections (`+teacher=edm`) and hydra.* stay."""
+    return "+" + arg if re.match(r"\+(?!hydra\.)[A-Za-z_][\w-]*(\.[\w-]+)+=", arg) else arg
 
 
 def check_overrides(config_name: str, argv: list[str]) -> None:
@@ -145,6 +188,7 @@ def entry_point(config_name: str) -> Callable:
 
         @functools.wraps(fn)
         def main() -> None:
+            sys.argv[1:] = [force_add(a) for a in sys.argv[1:]]
             check_overrides(config_name, sys.argv[1:])
             hydra_main()
 

@@ -39,6 +39,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("train", ["distill.stepz=3"], "unknown config key 'distill.stepz'"),
         ("train", ["data=nope"], "Could not find 'data/nope'"),
         ("train", ["distill.steps=0"], "'distill.steps' = 0"),
+        ("train", ["distill.steps=abc"], "'distill.steps' is invalid"),  # the typed schema's check, one line too
+        ("train", ["data=imagenet64"], "data.path"),
         ("train", ["resources.precision=fp8"], "resources.precision"),
         ("train", ["data.source=image_folder", f"data.path={missing}"], "does not exist"),
         ("train", ["data.source=image_folder", f"data.path={empty_class}"], "hold no image files"),

@@ -79,3 +79,59 @@ def test_text_keys_compose_as_typed(overrides):
     assert job.data.text and job.data.text_dim == 384 and job.data.null_condition == 0
     if "experiment=text_demo" in overrides:
         assert job.teacher.guidance_scale == 2.0 and job.model.attn_levels == [1, 2] and job.teacher.sha256
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("net", "space"):  # free-form mappings are values
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_hydra_knows_every_key_its_type_and_default():
+    # the dataclasses are Hydra's schema (rayflow.cli.register_schema): `--cfg job` shows every key
+    from omegaconf import OmegaConf
+
+    from rayflow.cli import force_add
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config")
+        with pytest.raises(Exception) as err:  # a typed key refuses a value of another type
+            compose(config_name="config", overrides=["distill.steps=abc"])
+        assert "could not be converted to Integer" in str(err.value.__cause__)
+        overrides = ["+teacher=edm", force_add("+teacher.sigma_min=0.01"), "teacher.net._target_=a.b", "eval.labels=7"]
+        job = job_from_hydra(compose(config_name="config", overrides=overrides))
+    assert set(JobConfig().flat()) <= set(_leaves(OmegaConf.to_container(cfg)))
+    assert job.teacher.sigma_min == 0.01 and job.eval.labels == [7]  # `+` for a key the YAML used to leave out
+
+
+def test_yaml_only_selects_and_overrides():
+    # One value, one home: a YAML value equal to its dataclass default is there only with a comment saying why,
+    # or (in an experiment) because conf/config.yaml or a group option sets another value it must undo.
+    import yaml
+
+    from rayflow.config import SweepConfig
+
+    defaults = {**JobConfig().flat(), **{f"sweep.{k}": v for k, v in SweepConfig().to_dict().items()}}
+    conf = Path(CONF)
+    files = {p: yaml.safe_load(p.read_text()) or {} for p in sorted(conf.rglob("*.yaml"))}
+    values = {}
+    for p, d in files.items():
+        group = p.parent.name if p.parent != conf and p.parent.name != "experiment" else ""
+        values[p] = {k: v for k, v in _leaves(d, f"{group}." if group else "").items()
+                     if k.split(".")[0] not in ("defaults", "hydra")}
+    shadowed = {k for p, kv in values.items() if p.parent.name != "experiment"
+                for k, v in kv.items() if k in defaults and v != defaults[k]}
+    restated = []
+    for p, kv in values.items():
+        lines = p.read_text().splitlines()
+        for key, v in kv.items():
+            leaf = key.rsplit(".", 1)[-1]
+            commented = any(ln.strip().startswith(f"{leaf}:") and "#" in ln for ln in lines)
+            if key in defaults and v == defaults[key] and not commented and not (
+                    p.parent.name == "experiment" and key in shadowed):
+                restated.append(f"{p.relative_to(conf)}: {key}")
+    assert not restated, restated
