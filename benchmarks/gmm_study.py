@@ -15,6 +15,7 @@ Prints one JSON line per scored row, then a markdown table per spec and k; --out
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -25,10 +26,13 @@ import gmm_quality
 import torch
 
 from rayflow import lab
+from rayflow.core.diffusion import Denoiser
 from rayflow.core.gaussian_mixture import GaussianMixture
 from rayflow.core.metrics import mixture_metrics
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import CosineSchedule
+from rayflow.core.steps import freeze
+from rayflow.nets import build_net
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--algorithm", default="alternating")
     p.add_argument("--n-eval", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-seed", type=int, default=None,
+                   help="train one teacher with this seed and vary only the distillation and sampling seeds "
+                        "(default: a teacher per seed, as gmm_quality.py)")
     p.add_argument("--base-args", default="", help="gmm_quality.py flags for the teacher and the baseline, "
                    "e.g. '--distill-iters 2400 --teacher-iters 6000' (default: its defaults)")
     p.add_argument("--out", default=None, help="write rows.jsonl here")
@@ -94,8 +101,7 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
         return row
 
     t0 = time.perf_counter()
-    teacher = lab.fit_teacher(data, schedule, width=base.width, depth=base.depth, steps=base.teacher_iters,
-                              batch=base.batch, lr=base.teacher_lr, seed=seed, weighting=base.weighting)
+    teacher = _teacher(args, base, spec, data, schedule, seed if args.teacher_seed is None else args.teacher_seed)
     score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
     for k in args.k:
         score("ddim", k, teacher.denoiser, "ddim")
@@ -104,6 +110,27 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
             student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
                                   **distill_kwargs(base, VARIANTS[name]))
             score(name, k, student, "student", train_s=round(time.perf_counter() - t0, 1))
+
+
+def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> lab.TeacherResult:
+    """The benchmark's teacher for (spec, sizing flags, seed), trained once and cached in --out (it is the
+    expensive part: a study varies the distillation, not the teacher)."""
+    key = hashlib.sha256(repr((spec, args.base_args, seed)).encode()).hexdigest()[:16]
+    path = Path(args.out) / f"teacher-{spec}-{key}.pt" if args.out else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        den = Denoiser(build_net("mlp", dim=data.shape[1], width=base.width, depth=base.depth), schedule, "v")
+        den.load_state_dict(saved["weights"])
+        return lab.TeacherResult(freeze(den), saved["optimizer_state"], saved["param_names"])
+    if args.teacher_seed is not None:  # the teacher's data: the same draw for every study seed
+        data, _ = GaussianMixture.from_json(spec_path(spec)).sample(base.n_train,
+                                                                     generator=torch.Generator().manual_seed(seed))
+    teacher = lab.fit_teacher(data, schedule, width=base.width, depth=base.depth, steps=base.teacher_iters,
+                              batch=base.batch, lr=base.teacher_lr, seed=seed, weighting=base.weighting)
+    if path is not None:
+        torch.save({"weights": teacher.denoiser.state_dict(), "optimizer_state": teacher.optimizer_state,
+                    "param_names": teacher.param_names}, path)
+    return teacher
 
 
 def summarize(rows: list[dict]) -> list[dict]:
