@@ -93,7 +93,10 @@ def test_every_trial_is_a_child_run_with_params_and_metrics(sweep_run, mlflow_se
             best = min(h.value for h in history)
             assert m["best.eval.proxy_fd"] == pytest.approx(best)
         else:
-            assert tags["rayflow.trial_status"] == "early_stopped" and m["images_seen"] < 1024
+            # stopped by ASHA at a rung: before the last image, or (on a loaded box, when the stop decision lands
+            # at the last report) before the final evaluation
+            assert tags["rayflow.trial_status"] == "early_stopped"
+            assert m["images_seen"] < 1024 or "eval.student.fd" not in m, (m["images_seen"], sorted(m))
     assert completed >= 1  # the first trial to reach the rung always continues
 
 

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from rayflow import track
-from rayflow.config import JobConfig
+from rayflow.config import JobConfig, with_overrides
 from rayflow.files import export_path
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.lease import hold
@@ -114,7 +114,7 @@ def _run_job(job: JobConfig) -> dict:
         export_dir = os.path.join(job.run.absolute_storage(), job.run.name, "export")
         teacher_path = out["teacher_path"] = resolve_teacher(job, run_id, export_dir, out)
         if job.task in ("demo", "distill"):
-            job.teacher.checkpoint = teacher_path
+            job = with_overrides(job, {"teacher.checkpoint": teacher_path})
             student_path = train_and_export(job, "distill", export_student, export_dir, run_id, out)
             out["student_path"] = student_path
             if job.data.scorable:

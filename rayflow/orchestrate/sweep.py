@@ -59,14 +59,14 @@ def _search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def _portable(job: JobConfig) -> JobConfig:
-    """Paths made absolute on the driver: Tune runs each trial in its own working directory."""
-    job.tracking.uri = job.tracking.resolved_uri()
-    job.run.storage_path = job.run.absolute_storage()
+    """A copy with paths made absolute on the driver: Tune runs each trial in its own working directory."""
+    paths: dict[str, Any] = {"tracking.uri": job.tracking.resolved_uri(),
+                             "run.storage_path": job.run.absolute_storage()}
     if job.data.path and "://" not in job.data.path:
-        job.data.path = os.path.abspath(os.path.expanduser(job.data.path))
+        paths["data.path"] = os.path.abspath(os.path.expanduser(job.data.path))
     if job.teacher.checkpoint:
-        job.teacher.checkpoint = os.path.abspath(os.path.expanduser(job.teacher.checkpoint))
-    return job
+        paths["teacher.checkpoint"] = os.path.abspath(os.path.expanduser(job.teacher.checkpoint))
+    return with_overrides(job, paths)
 
 
 def run_trial(config: dict[str, Any], *, base: dict, sweep: dict, parent_run_id: str, teacher_path: str) -> None:
@@ -74,11 +74,10 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep: dict, parent_run_id:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     swept = {k: config[k] for k in sweep["space"]}
-    job = with_overrides(JobConfig.from_dict(base), swept)
     trial_id = tune.get_context().get_trial_id()
-    job.teacher.checkpoint = teacher_path
-    job.run.name = trial_id
-    job.run.storage_path = os.path.join(job.run.storage_path, f"{sweep['name']}-trials")
+    job = JobConfig.from_dict(base)
+    job = with_overrides(job, {**swept, "teacher.checkpoint": teacher_path, "run.name": trial_id,
+                               "run.storage_path": os.path.join(job.run.storage_path, f"{sweep['name']}-trials")})
     uri = job.tracking.resolved_uri()
     overrides = " ".join(f"{k}={v}" for k, v in sorted(swept.items()))
     run_id = track.start_run(
@@ -160,10 +159,9 @@ def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
     # the others, which Tune's strict check would turn into an error.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     t_start = time.perf_counter()
-    job = _portable(job)
-    job.run.name = sweep.name  # the teacher trains (when it must) as Train run <sweep>-teacher
-    if not job.run.eval_every_images:
-        job.run.eval_every_images = sweep.eval_every_images
+    # the teacher trains (when it must) as Train run <sweep>-teacher
+    every = job.run.eval_every_images or sweep.eval_every_images
+    job = with_overrides(_portable(job), {"run.name": sweep.name, "run.eval_every_images": every})
     uri = job.tracking.resolved_uri()
     storage = job.run.absolute_storage()
     path = os.path.join(storage, sweep.name)

@@ -21,7 +21,7 @@ from rayflow.orchestrate.evaluate import cache_dir, prepare_reference
 from rayflow.orchestrate.generate import eval_conditions
 from rayflow.orchestrate.precondition import PRECOND_EPS, teacher_preconditioner
 from rayflow.teachers import PRECOND_NAME
-from rayflow.worker.loop import STATE_FILE, train_loop_per_worker
+from rayflow.worker.loop import STATE_FILE, WorkerSpec, train_loop_per_worker
 
 
 @dataclass
@@ -55,9 +55,8 @@ def run_training(job: JobConfig, role: str, name: str, *, callbacks=()) -> Train
     per_worker = {"CPU": r.cpus_per_worker} | ({"GPU": r.gpus_per_worker} if r.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "role": role, "eval_reference": reference, "eval_cond": cond,
-                           "eval_labels": labels,
-                           "teacher_precond": None if precond is None else ray.put(precond)},
+        train_loop_config={"spec": WorkerSpec(job, role, reference, cond, labels,
+                                              None if precond is None else ray.put(precond))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker
         ),

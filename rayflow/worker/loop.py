@@ -8,7 +8,10 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -112,11 +115,22 @@ def _report(state: TrainState, metrics: dict, *, checkpoint: bool, rank: int, le
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a Train worker needs, typed: what the driver resolved, handed over once per run."""
+
+    job: JobConfig  # validated and resolved on the driver
+    role: str  # teacher | distill
+    eval_reference: bytes | None = None  # the in-training evaluation's reference (bytes: workers may be remote)
+    eval_cond: np.ndarray | None = None  # its conditions (class labels or packed captions) ...
+    eval_labels: np.ndarray | None = None  # ... and the classes the classifier checks
+    teacher_precond: Any = None  # ObjectRef of the parameter-space preconditioner (name -> tensor), or None
+
+
 def train_loop_per_worker(config: dict) -> dict:
-    """config: {"job": JobConfig.to_dict(), "role": "teacher" | "distill", "eval_reference": bytes | None,
-    "eval_cond", "eval_labels": the in-training evaluation's conditions and classes (arrays) when it runs,
-    "teacher_precond": the parameter-space preconditioner (an ObjectRef of a name -> tensor dict) or None}."""
-    job = JobConfig.from_dict(config["job"])
+    """config: {"spec": WorkerSpec} (Ray Train hands the function a dict)."""
+    spec: WorkerSpec = config["spec"]
+    job = spec.job
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if job.resources.torch_threads:
@@ -125,9 +139,9 @@ def train_loop_per_worker(config: dict) -> dict:
     # Initial weights from the run's seed, not torch's per-process random one: two runs of a job start alike, so an
     # interrupted run can be checked against an uninterrupted one. (DDP gives every rank rank 0's weights.)
     torch.manual_seed(_seed(job.run.seed, rank))
-    precond = config.get("teacher_precond")
+    precond = spec.teacher_precond
     precond = ray.get(precond) if isinstance(precond, ray.ObjectRef) else precond
-    state = build_state(job, config["role"], device, wrap=ray.train.torch.prepare_model, precond=precond)
+    state = build_state(job, spec.role, device, wrap=ray.train.torch.prepare_model, precond=precond)
     ledger = restore(state)
     resumed = ledger is not None
     ledger = ledger or DataLedger()
@@ -140,9 +154,9 @@ def train_loop_per_worker(config: dict) -> dict:
     count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
     last_report = c.images_seen // job.run.report_every_images
     last_ckpt = c.images_seen // job.run.checkpoint_every_images
-    every_eval = job.run.eval_every_images if config.get("eval_reference") else 0
+    every_eval = job.run.eval_every_images if spec.eval_reference else 0
     last_eval = c.images_seen // every_eval if every_eval else 0
-    proxy = (ProxyEval(config["eval_reference"], config["eval_cond"], config["eval_labels"], job, device)
+    proxy = (ProxyEval(spec.eval_reference, spec.eval_cond, spec.eval_labels, job, device)
              if every_eval and rank == 0 else None)
     while c.updates < state.total_updates:
         batches = iter_torch_batches(shard, per_worker, device, local_shuffle_buffer_size=None, drop_last=True)
