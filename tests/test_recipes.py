@@ -86,7 +86,7 @@ def test_recipe_runs_a_few_steps_on_ray(ray_cluster, tmp_path, recipe):
     out = run_training(job, "distill", f"{recipe}-tiny")
     print(f"{recipe}: {time.perf_counter() - t0:.1f} s for 2 updates on Ray")
     assert out.return_value["updates"] == 2 and out.return_value["images_seen"] == 8
-    path, _ = export_student(out.checkpoint_dir, str(tmp_path / "export"))
+    path, _ = export_student(job, out.checkpoint_dir, str(tmp_path / "export"))
     # the exported student reloads through the recipe's adapter, and it moved away from the teacher
     student = load_teacher(path, job.model, job.data, teacher=job.teacher)
     teacher = load_teacher(str(teacher_path), job.model, job.data, teacher=job.teacher)
