@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.config import ConfigError, DataConfig, JobConfig
 from rayflow.resolve import resolve
+from rayflow.teachers import read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_text_demo_distils_the_guided_teacher_and_scores_caption_consistency(ray
     assert run.data.params["data.text_encoder"] == "minilm" and run.data.params["teacher.guidance_scale"] == "2.0"
     assert "eval.proxy_caption_consistency" in run.data.metrics  # in-training evaluation on captions
     # the student samples with one network call per step: the exported weights are an unguided text UNet
-    state = torch.load(out["student_path"], map_location="cpu", weights_only=True)
+    state = read_state_dict(out["student_path"])
     assert any(".kv." in k for k in state) and "net.text.null_token" in state
 
 
@@ -142,7 +142,7 @@ def test_text_teacher_trains_from_captions(ray_cluster, tmp_path):
     out = _train(tmp_path, ray_cluster["env"], "task=teacher", "teacher.checkpoint=null", "teacher.sha256=null",
                  "teacher.train_images=64", "model=unet_tiny", "run.name=text_teacher")
     assert out["teacher_train"]["images_seen"] == 64
-    state = torch.load(out["teacher_path"], map_location="cpu", weights_only=True)
+    state = read_state_dict(out["teacher_path"])
     assert state["net.text.proj.1.weight"].shape[1] == 384
 
 

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 from rayflow.config import JobConfig
+from rayflow.files import sha256_file
 
 TRACKING_TIMEOUT_S = 5.0
 
@@ -52,6 +53,9 @@ def check_teacher(job: JobConfig) -> None:
         raise PreflightError(f"teacher checkpoint {path!r} does not exist; FIX THIS by setting teacher.checkpoint to "
                              "a file written by `python -m rayflow.train task=teacher` (or your own, with "
                              "teacher.adapter)")
+    if job.teacher.sha256 and os.path.isfile(path) and sha256_file(path) != job.teacher.sha256:
+        raise PreflightError(f"teacher checkpoint {path} has SHA-256 {sha256_file(path)}, not teacher.sha256="
+                             f"{job.teacher.sha256}; FIX THIS by pointing at the right file or updating teacher.sha256")
 
 
 def check_tracking(uri: str) -> None:
