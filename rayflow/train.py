@@ -18,9 +18,9 @@ def main(cfg: DictConfig) -> None:
     job = job_from_hydra(cfg)
     from rayflow.orchestrate.jobs import run_job  # Ray and torch load only for a valid config
 
-    out = run_job(job)
+    out = run_job(job).to_dict()
     summary = {k: v for k, v in out.items() if k != "metrics"}
-    print(json.dumps({"metrics": out.get("metrics", {}), **summary}, indent=2, default=str))
+    print(json.dumps({"metrics": out["metrics"], **summary}, indent=2, default=str))
     print(f"\nMLflow run {out['run_id']} in {out['tracking_uri']} (experiment '{job.tracking.experiment}').")
     if not out["tracking_uri"].startswith(("http://", "https://")):
         print(f"Serve it with: mlflow ui --backend-store-uri {out['tracking_uri']}")

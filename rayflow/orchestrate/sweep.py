@@ -91,11 +91,9 @@ def run_trial(config: dict[str, Any], *, base: dict, sweep: dict, parent_run_id:
     # Only success is closed here. A failed trial is closed by the driver's TrialRunsCallback, which also
     # closes trials the scheduler stops: closing from both sides raced (a stopped trial's function saw an
     # exception while the driver marked it early-stopped, leaving "failed" on a FINISHED run).
-    out: dict = {}
     export_dir = os.path.join(job.run.absolute_storage(), trial_id, "export")
-    student = train_and_export(job, "distill", export_student, export_dir, run_id, out,
-                               callbacks=[TuneReportCallback()])
-    metrics = evaluate_and_log(job, run_id, None, student)
+    student = train_and_export(job, "distill", export_student, export_dir, run_id, callbacks=[TuneReportCallback()])
+    metrics = evaluate_and_log(job, run_id, None, student.path)
     track.set_tags(uri, run_id, {STATUS_TAG: "completed"})
     track.end_run(uri, run_id, "FINISHED")
     # No images_seen here: the scheduler has judged the training curve; this is the final evaluation.
@@ -178,8 +176,10 @@ def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
     )
     out: dict = {"parent_run_id": parent, "tracking_uri": uri, "experiment_path": path}
     try:
-        teacher = resolve_teacher(job, parent, os.path.join(path, "export"), out)
+        teacher, trained = resolve_teacher(job, parent, os.path.join(path, "export"))
         out["teacher_path"] = teacher
+        if trained is not None:
+            out |= {"teacher_train": trained.train, "teacher_sha256": trained.sha256}
         if sweep.teacher_baseline and "eval.teacher_ancestral.fd" not in track.client(uri).get_run(parent).data.metrics:
             evaluate_and_log(job, parent, teacher, None)
         grid = _tuner(job, sweep, parent, teacher, path, launched).fit()
