@@ -12,20 +12,9 @@ import torch
 from torch import nn
 
 from rayflow.core.diffusion import Denoiser
-from rayflow.core.moment_matching import (
-    adam_preconditioner,
-)
+from rayflow.core.moment_matching import adam_preconditioner
 from rayflow.core.schedule import Schedule
-from rayflow.core.steps import (
-    EMA,
-    TeacherStep,
-    build_distillation,
-    cosine_lr,
-    freeze,
-    make_adam,
-    scheduled_lr,
-    set_lr,
-)
+from rayflow.core.steps import EMA, TeacherStep, WarmupDecay, build_distillation, freeze, make_adam
 from rayflow.nets import build_net
 
 
@@ -77,13 +66,14 @@ def fit_teacher(
     den = denoiser or Denoiser(build_net("mlp", dim=data.shape[1], width=width, depth=depth), schedule, prediction)
     den = den.to(device)
     opt = make_adam(den.parameters(), lr, betas=(0.9, 0.99), eps=1e-8)
+    sched = WarmupDecay(opt, "cosine", steps, warmup=100)
     ema = EMA(den, ema_decay)
     step = TeacherStep(den, opt, schedule, weighting=weighting, cond_drop_prob=cond_drop_prob, null_cond=null_cond,
                        ema=ema)
     gd = _noise_generator(g, seed, device)
     for i, (x, c) in zip(range(steps), _batches(data.float(), cond, batch, g, device)):
-        set_lr(opt, cosine_lr(lr, i, steps, warmup=100))
         step(i, x, c, gd)
+        sched.step()
     names = [k for k, _ in den.named_parameters()]
     return TeacherResult(freeze(ema.module), opt.state_dict(), names)
 
@@ -127,13 +117,13 @@ def distill(
         precond = adam_preconditioner(teacher.optimizer_state, teacher.param_names)
     dist = build_distillation(
         teacher.denoiser, guided_teacher or teacher.denoiser, schedule, algorithm=algorithm, steps=student_steps,
-        lr_student=lr_student, lr_ratio=lr_ratio, weighting=weighting, s_sampling=s_sampling, grad_clip=grad_clip,
-        ema_decay=ema_decay, aux_teacher_weight=aux_teacher_weight, precond=precond,
+        total_updates=train_steps, lr_schedule=lr_schedule, warmup=warmup, lr_student=lr_student, lr_ratio=lr_ratio,
+        weighting=weighting, s_sampling=s_sampling, grad_clip=grad_clip, ema_decay=ema_decay,
+        aux_teacher_weight=aux_teacher_weight, precond=precond,
     )
-    step, schedules = dist.step, list(dist.optimizers.values())
     gd = _noise_generator(g, seed + 1, device)
     for i, (x, c) in zip(range(train_steps), _batches(data.float(), cond, batch, g, device)):
-        for opt, base in schedules:
-            set_lr(opt, scheduled_lr(lr_schedule, base, i, train_steps, warmup=warmup))
-        step(i, x, c, gd)
+        dist.step(i, x, c, gd)
+        for sched in dist.schedulers.values():
+            sched.step()
     return freeze(dist.ema.module)

@@ -28,7 +28,7 @@ class DistillConfig:
     beta1: float = 0.0
     beta2: float = 0.99
     adam_eps: float = 1e-12
-    lr_decay: str = "cosine"  # cosine | constant
+    lr_decay: str = "cosine"  # cosine | linear | constant (to 0 at the last update; core.steps.WarmupDecay)
     # parameter_space's diagonal Lambda: auto = the teacher's Adam second moments when its export has them
     # (teacher_precond.pt), else `gradient`: 1 / (sqrt(mean squared teacher-loss gradient) + 1e-8) over
     # precond_batches batches of real data, computed on the driver once per teacher SHA-256 and cached
@@ -49,7 +49,7 @@ class DistillConfig:
         check_choice("distill.weighting", self.weighting, ("snr", "snr_plus_one", "truncated_snr", "one"))
         check_choice("distill.s_sampling", self.s_sampling, ("uniform", "mixed"))
         check_choice("distill.jump", self.jump, ("uniform", "full"))
-        check_choice("distill.lr_decay", self.lr_decay, ("cosine", "constant"))
+        check_choice("distill.lr_decay", self.lr_decay, ("cosine", "linear", "constant"))
         check_choice("distill.precondition", self.precondition, PRECONDITIONS)
         if not isinstance(self.precond_batches, int) or self.precond_batches < 1:
             fail("distill.precond_batches", self.precond_batches, "setting an integer >= 1 (e.g. 8)")

@@ -55,9 +55,33 @@ def scheduled_lr(kind: str, base: float, i: int, total: int, *, warmup: int = 0)
     raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {LR_SCHEDULES}")
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
+class WarmupDecay(torch.optim.lr_scheduler.LRScheduler):
+    """A torch LRScheduler: `scheduled_lr(kind, base, i, total, warmup)` for update i, per parameter group.
+
+    Construction sets update 0's rate; call `step()` after each optimizer update. The rate is a closed form of the
+    update index, so a resumed run only needs `seek(updates)` (no scheduler state in checkpoints).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total: int, *, warmup: int = 0):
+        if kind not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {kind!r}; choose one of {LR_SCHEDULES}")
+        self.kind, self.total, self.warmup = kind, int(total), int(warmup)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [scheduled_lr(self.kind, base, self.last_epoch, self.total, warmup=self.warmup) for base in self.base_lrs]
+
+    def step(self) -> None:  # type: ignore[override]
+        """To the next update's rates. Steps every update of an alternation, also those that leave this optimizer
+        alone (torch's base class would warn that the optimizer has not stepped)."""
+        self.seek(self.last_epoch + 1)
+
+    def seek(self, update: int) -> None:
+        """Set the rates of update `update` (after a resume)."""
+        self.last_epoch = int(update)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 def clone_trainable(module: nn.Module) -> nn.Module:
@@ -217,11 +241,12 @@ ALGORITHMS = ("alternating", "parameter_space")
 
 @dataclass
 class Distillation:
-    """What a distillation trains (student, and aux for the alternating algorithm), each optimizer with its base
-    learning rate, the student's EMA, and the step that schedules the updates."""
+    """What a distillation trains (student, and aux for the alternating algorithm), each optimizer and its
+    learning-rate schedule, the student's EMA, and the step that schedules the updates."""
 
     trainables: dict[str, nn.Module]
-    optimizers: dict[str, tuple[torch.optim.Optimizer, float]]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, WarmupDecay]
     ema: EMA
     step: AlternatingStep | ParameterSpaceStep
 
@@ -233,8 +258,11 @@ def build_distillation(
     *,
     algorithm: str = "alternating",
     steps: int = 8,
+    total_updates: int,
     lr_student: float = 1e-4,
     lr_ratio: float = 1.0,
+    lr_schedule: str = "cosine",
+    warmup: int = 0,
     betas: tuple[float, float] = (0.0, 0.99),
     adam_eps: float = 1e-12,
     weighting: str = "snr_plus_one",
@@ -252,13 +280,18 @@ def build_distillation(
     """The one place that wires a distillation (the Ray worker and `rayflow.lab` both call it).
 
     `base` is the teacher network that student and aux start from; `teacher` the denoiser the moments are matched
-    to (`base` itself, or `base` under classifier-free guidance). lr_aux = lr_student * lr_ratio. `precond` is
+    to (`base` itself, or `base` under classifier-free guidance). lr_aux = lr_student * lr_ratio; both follow
+    `lr_schedule` after `warmup` over `total_updates` optimizer updates (of any network). `precond` is
     keyed by `base`'s parameter names (moved onto `teacher` here); `grad_reduce` averages the parameter-space G_A
     over workers; `make_trainable` copies `base` (e.g. freezing parameters a foreign network never uses); `wrap`
     prepares a trainable for data parallelism (DDP).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+
+    def schedules(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, WarmupDecay]:
+        return {k: WarmupDecay(opt, lr_schedule, total_updates, warmup=warmup) for k, opt in optimizers.items()}
+
     student = wrap(make_trainable(base))
     ema = EMA(student, ema_decay)
     opt_s = make_adam(student.parameters(), lr_student, betas=betas, eps=adam_eps)
@@ -269,11 +302,11 @@ def build_distillation(
         opt_a = make_adam(aux.parameters(), lr_aux, betas=betas, eps=adam_eps)
         method = AlternatingMomentMatching(schedule, steps, aux_teacher_weight=aux_teacher_weight, **kw)
         step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
-        return Distillation({"student": student, "aux": aux},
-                            {"student": (opt_s, lr_student), "aux": (opt_a, lr_aux)}, ema, step)
+        optimizers = {"student": opt_s, "aux": opt_a}
+        return Distillation({"student": student, "aux": aux}, optimizers, schedules(optimizers), ema, step)
     if precond is not None:
         device = next(teacher.parameters()).device
         precond = rekey({k: v.to(device) for k, v in precond.items()}, base, teacher)
     method = ParameterSpaceMomentMatching(schedule, steps, precond=precond, grad_reduce=grad_reduce, **kw)
     step = ParameterSpaceStep(method, teacher, student, opt_s, grad_clip=grad_clip, ema=ema)
-    return Distillation({"student": student}, {"student": (opt_s, lr_student)}, ema, step)
+    return Distillation({"student": student}, {"student": opt_s}, schedules({"student": opt_s}), ema, step)

@@ -171,7 +171,6 @@ def train_loop_per_worker(config: dict) -> dict:
             wait += t1 - t0
             ledger.add(x, slot=c.updates * world + rank)
             g = torch.Generator(device=device).manual_seed(_seed(job.run.seed, rank, c.updates))
-            state.set_learning_rates()
             metrics = state.step(c.updates, x, label, g)  # low precision, if any, only inside network forwards
             for k, v in metrics.items():
                 if not math.isfinite(v):
@@ -203,7 +202,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     epoch=c.epoch,
                     images_per_s=count * job.data.batch_size / max(now - t_last, 1e-9),
                     data_wait_share=wait / max(wait + busy, 1e-9),
-                    lr=next(iter(state.optimizers.values()))[0].param_groups[0]["lr"],
+                    lr=state.lr,
                 )
                 grid = None
                 if eval_due:
@@ -221,6 +220,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 counts.clear()
                 count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
                 t0 = t_last
+            state.step_schedules()  # after the report: its `lr` is the rate the reported updates used
             if done:
                 break
         else:

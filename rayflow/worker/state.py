@@ -11,18 +11,8 @@ import torch
 from torch import nn
 
 from rayflow.config import JobConfig
-from rayflow.core.moment_matching import (
-    all_reduce_mean,
-)
-from rayflow.core.steps import (
-    EMA,
-    TeacherStep,
-    build_distillation,
-    clone_trainable,
-    cosine_lr,
-    make_adam,
-    set_lr,
-)
+from rayflow.core.moment_matching import all_reduce_mean
+from rayflow.core.steps import EMA, TeacherStep, WarmupDecay, build_distillation, clone_trainable, make_adam
 from rayflow.models import build_denoiser, guided, load_teacher
 from rayflow.teachers import freeze_unused
 
@@ -41,28 +31,27 @@ class Counters:
 class TrainState:
     role: str
     trainables: dict[str, nn.Module]  # possibly DDP-wrapped
-    optimizers: dict[str, tuple[torch.optim.Optimizer, float]]  # name -> (optimizer, base lr)
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, WarmupDecay]  # one per optimizer; closed form in counters.updates
     ema: EMA
     step: object
     total_updates: int
-    lr_decay: str
-    warmup: int = 0
     counters: Counters = field(default_factory=Counters)
 
-    def set_learning_rates(self) -> None:
-        for opt, base in self.optimizers.values():
-            lr = (
-                base
-                if self.lr_decay == "constant"
-                else cosine_lr(base, self.counters.updates, self.total_updates, warmup=self.warmup)
-            )
-            set_lr(opt, lr)
+    def step_schedules(self) -> None:
+        """After an optimizer update: the learning rates of the next one."""
+        for sched in self.schedulers.values():
+            sched.step()
+
+    @property
+    def lr(self) -> float:
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {
             "role": self.role,
             "models": {k: _unwrap(m).state_dict() for k, m in self.trainables.items()},
-            "optimizers": {k: opt.state_dict() for k, (opt, _) in self.optimizers.items()},
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "ema": self.ema.state_dict(),
             "counters": vars(self.counters).copy(),
             "torch_rng": torch.get_rng_state(),
@@ -76,10 +65,12 @@ class TrainState:
             )
         for k, m in self.trainables.items():
             _unwrap(m).load_state_dict(state["models"][k])
-        for k, (opt, _) in self.optimizers.items():
+        for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
         self.ema.load_state_dict(state["ema"])
         self.counters = Counters(**state["counters"])
+        for sched in self.schedulers.values():
+            sched.seek(self.counters.updates)
         torch.set_rng_state(state["torch_rng"])
 
 
@@ -113,6 +104,8 @@ def build_state(
         den = wrap(build_denoiser(job.model, job.data).to(device))
         t = job.teacher
         opt = make_adam(den.parameters(), t.lr, betas=(0.9, 0.99), eps=1e-8)
+        total = updates(t.train_images)
+        sched = WarmupDecay(opt, "cosine", total, warmup=min(500, total // 10))
         ema = EMA(den, t.ema_decay)
         step = TeacherStep(
             den,
@@ -124,16 +117,7 @@ def build_state(
             ema=ema,
             forward_dtype=forward_dtype,
         )
-        return TrainState(
-            role,
-            {"teacher": den},
-            {"teacher": (opt, t.lr)},
-            ema,
-            step,
-            updates(t.train_images),
-            "cosine",
-            warmup=min(500, updates(t.train_images) // 10),
-        )
+        return TrainState(role, {"teacher": den}, {"teacher": opt}, {"teacher": sched}, ema, step, total)
     d = job.distill
     # the teacher through its adapter; student and aux are clones of it (same architecture, weights, adapter)
     base = load_teacher(
@@ -144,11 +128,13 @@ def build_state(
             f"distill.precondition={d.precondition!r} but the worker got no preconditioner; FIX THIS by launching "
             "through rayflow.orchestrate (it computes one), or setting distill.precondition=identity"
         )
+    total = updates(d.train_images)
     dist = build_distillation(
-        base, guided(base, job.teacher.guidance_scale, job.data), base.schedule,
-        algorithm=d.algorithm, steps=d.steps, lr_student=d.lr_student, lr_ratio=d.lr_ratio, betas=(d.beta1, d.beta2),
+        base, guided(base, job.teacher.guidance_scale, job.data), base.schedule, algorithm=d.algorithm, steps=d.steps,
+        total_updates=total, lr_student=d.lr_student, lr_ratio=d.lr_ratio, lr_schedule=d.lr_decay,
+        betas=(d.beta1, d.beta2),
         adam_eps=d.adam_eps, weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, grad_clip=d.grad_clip,
         ema_decay=d.ema_decay, forward_dtype=forward_dtype, precond=precond, grad_reduce=all_reduce_mean,
         make_trainable=lambda m: _trainable_copy(m, job), wrap=wrap,
     )
-    return TrainState(role, dist.trainables, dist.optimizers, dist.ema, dist.step, updates(d.train_images), d.lr_decay)
+    return TrainState(role, dist.trainables, dist.optimizers, dist.schedulers, dist.ema, dist.step, total)

@@ -355,3 +355,24 @@ def test_each_update_makes_no_redundant_network_passes():
     counts.clear()
     step(1, torch.randn(16, 3), None)
     assert counts == {"student.forward": 1, "student.backward": 1, "teacher.forward": 1, "aux.forward": 1}
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_warmup_decay_is_a_torch_scheduler_that_follows_the_closed_form_and_seeks(kind):
+    from rayflow.core.steps import WarmupDecay, scheduled_lr
+
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [w], "lr": 1.0}, {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.5}])
+    sched = WarmupDecay(opt, kind, 20, warmup=5)
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    seen = []
+    for _ in range(20):
+        seen.append([g["lr"] for g in opt.param_groups])  # the rate update i runs at
+        opt.step()
+        sched.step()
+    assert seen == [[scheduled_lr(kind, b, i, 20, warmup=5) for b in (1.0, 0.5)] for i in range(20)]
+    fresh = WarmupDecay(torch.optim.SGD([w], lr=1.0), kind, 20, warmup=5)
+    fresh.seek(13)  # a resumed run: the rate of update 13 without replaying 13 steps
+    assert fresh.optimizer.param_groups[0]["lr"] == seen[13][0] == fresh.get_last_lr()[0]
+    with pytest.raises(ValueError, match="schedule"):
+        WarmupDecay(opt, "step", 20)

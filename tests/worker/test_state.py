@@ -50,7 +50,7 @@ def test_teacher_export_holds_ema_weights_and_preconditioner(exported_teacher, t
     for k, v in state.ema.module.state_dict().items():
         assert torch.equal(weights[k], v)
     pre = torch.load(tmp_path / "export" / TEACHER_PRECOND, weights_only=True)
-    opt = state.optimizers["teacher"][0]
+    opt = state.optimizers["teacher"]
     for name, p in state.trainables["teacher"].named_parameters():
         torch.testing.assert_close(pre[name], 1.0 / (opt.state[p]["exp_avg_sq"].sqrt() + 1e-8))
     assert len(digest) == 64
@@ -69,10 +69,13 @@ def test_distill_state_round_trips_through_a_checkpoint(exported_teacher, tmp_pa
     for n in range(4):
         a.step(n, x, y)
         a.counters.updates += 1
+        a.step_schedules()
     save_state_dict(a.state_dict(), tmp_path / "s.pt")
     b = build_state(job, "distill", torch.device("cpu"), precond=precond)
+    assert b.lr == job.distill.lr_student  # cosine: update 0 runs at the base rate
     b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert b.counters == a.counters
+    assert b.lr == a.lr < job.distill.lr_student  # the schedule resumes at update 4, not at 0
     for name in a.trainables:
         for (k, p), (_, q) in zip(a.trainables[name].state_dict().items(), b.trainables[name].state_dict().items()):
             assert torch.equal(p, q), k
@@ -118,7 +121,7 @@ def test_precision_bf16_autocasts_only_the_forwards_on_cpu(exported_teacher):
     for n in range(2):
         m = state.step(n, x, y, torch.Generator().manual_seed(n))
         assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
-    for opt, _ in state.optimizers.values():
+    for opt in state.optimizers.values():
         assert all(s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
     fp32 = build_state(_job(teacher__checkpoint=path, resources__precision="auto"), "distill", torch.device("cpu"))
     assert fp32.step.method.forward_dtype is None  # auto: full precision on CPU, bf16 on GPU
