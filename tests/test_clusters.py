@@ -303,14 +303,23 @@ def _pinned(packages: list[str]) -> dict[str, str]:
     return {r.name.lower(): str(r.specifier) for r in reqs}
 
 
+def project_wheel_name() -> str:
+    """The file name `python -m pip wheel --no-deps .` gives this checkout (tests/test_wheel.py builds it)."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return f"rayflow-{version}-py3-none-any.whl"
+
+
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-sweep.yaml"])
-def test_rayjob_runtime_env_pins_match_pyproject(name: str) -> None:
+def test_rayjob_installs_the_project_wheel_and_the_pinned_torch(name: str) -> None:
     manifest = _load(f"kuberay/{name}")
     spec = manifest["spec"]
     assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
     env = _runtime_env(manifest)
-    expected = {k: v for k, v in _pins().items() if k != "ray"}  # the image brings Ray
-    assert _pinned(env["pip"]["packages"]) == expected
+    assert "working_dir" not in env and "py_modules" not in env  # the code is the wheel, not a checkout
+    reqs = {r.name.lower(): r for r in map(Requirement, env["pip"]["packages"])}
+    assert set(reqs) == {"torch", "rayflow"}
+    assert str(reqs["torch"].specifier) == _pins()["torch"]  # the CUDA build of the pinned version
+    assert reqs["rayflow"].url.endswith("/" + project_wheel_name()), reqs["rayflow"].url  # it pins the rest
 
 
 def test_readme_runtime_env_pins_match_pyproject() -> None:

@@ -24,6 +24,8 @@ def test_the_wheel_runs_the_smoke_experiment_from_an_empty_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(ROOT), "-w", str(dist)],
                    check=True, timeout=600, cwd=tmp_path)
     wheel = next(dist.glob("rayflow-*.whl"))
+    for manifest in ("rayjob-train.yaml", "rayjob-sweep.yaml"):  # the KubeRay jobs install this very file name
+        assert f"/{wheel.name}\n" in (ROOT / "clusters" / "kuberay" / manifest).read_text(), manifest
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
