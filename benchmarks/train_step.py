@@ -11,7 +11,7 @@ only the mid block's self-attention), the built-in `digits` source at --res px a
    updates alternate, so it is always timed over an even number of updates: aux+student pairs) and the
    parameter-space step (`build_state(job, "distill")`) run interleaved, two updates of each per round,
    so load from other processes on the machine hits all three alike. Each update is timed the way the
-   worker loop runs it: learning-rate update, seeded generator, step. Ratios alternating/teacher and
+   worker loop runs it: seeded generator, step, learning-rate schedule. Ratios alternating/teacher and
    parameter_space/teacher are per optimizer update; `per_student_update` doubles the alternating one,
    since only every other alternating update moves the student.
 2. Ray Train: `run_training(job, "distill", ...)` (1 worker, alternating, --updates updates) on a local Ray
@@ -100,9 +100,9 @@ class Timed:
     def _one(self) -> None:
         c = self.state.counters
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + c.updates)
-        self.state.set_learning_rates()
         self.state.step(c.updates, self.x, self.label, g)
         c.updates += 1
+        self.state.step_schedules()
 
     def run(self, n: int, *, record: bool = True) -> None:
         for _ in range(n):

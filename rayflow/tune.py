@@ -23,19 +23,17 @@ def main(cfg: DictConfig) -> None:
     from rayflow.orchestrate.sweep import run_sweep  # Ray and torch load only for a valid config
 
     out = run_sweep(job, sweep)
-    table = out.pop("report", {}).get("table")
-    print(json.dumps(out, indent=2, default=str))
-    if table:
-        print("\n" + table)
-    if not out.get("complete"):
+    print(json.dumps(out.to_dict(), indent=2, default=str))
+    if out.report.get("table"):
+        print("\n" + out.report["table"])
+    if not out.complete:
         print(f"\nSweep '{sweep.name}' interrupted; run the same command again to resume it.", file=sys.stderr)
         sys.exit(130)
-    print(f"MLflow parent run {out['parent_run_id']} in {out['tracking_uri']} (experiment "
+    print(f"MLflow parent run {out.parent_run_id} in {out.tracking_uri} (experiment "
           f"'{job.tracking.experiment}').")
-    if not out["tracking_uri"].startswith(("http://", "https://")):
-        print(f"Serve it with: mlflow ui --backend-store-uri {out['tracking_uri']}")
-    print(f"Compare the trials: {out['mlflow_ui']}")
-
+    if not out.tracking_uri.startswith(("http://", "https://")):
+        print(f"Serve it with: mlflow ui --backend-store-uri {out.tracking_uri}")
+    print(f"Compare the trials: {out.mlflow_ui}")
 
 if __name__ == "__main__":
     main()

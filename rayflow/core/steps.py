@@ -69,7 +69,8 @@ class WarmupDecay(torch.optim.lr_scheduler.LRScheduler):
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        return [scheduled_lr(self.kind, base, self.last_epoch, self.total, warmup=self.warmup) for base in self.base_lrs]
+        i, total, warmup = self.last_epoch, self.total, self.warmup
+        return [scheduled_lr(self.kind, base, i, total, warmup=warmup) for base in self.base_lrs]
 
     def step(self) -> None:  # type: ignore[override]
         """To the next update's rates. Steps every update of an alternation, also those that leave this optimizer

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
 
 from rayflow import track
 from rayflow.config import ConfigError, JobConfig, SweepConfig, with_overrides
-from rayflow.orchestrate.jobs import ensure_ray, evaluate_and_log, resolve_teacher, train_and_export
+from rayflow.orchestrate.jobs import Exported, ensure_ray, evaluate_and_log, resolve_teacher, train_and_export
 from rayflow.orchestrate.lease import hold
 from rayflow.orchestrate.preflight import check_job
 from rayflow.orchestrate.report import (
@@ -36,6 +37,32 @@ from rayflow.orchestrate.training import export_student
 logger = logging.getLogger(__name__)
 
 SPACE_FILE = "rayflow_sweep.json"  # beside Tune's experiment state: what the sweep was launched with
+
+
+@dataclass
+class SweepResult:
+    """What `run_sweep` hands back (and `rayflow.tune` prints): the MLflow parent run, the trials, the report."""
+
+    parent_run_id: str
+    tracking_uri: str
+    experiment_path: str
+    complete: bool = False  # False: interrupted; relaunching the same sweep resumes it
+    trials: int = 0
+    errors: int = 0
+    teacher_path: str | None = None
+    teacher: Exported | None = None  # when the sweep trained its teacher
+    report: dict = field(default_factory=dict)  # sweep_report's table and files (complete sweeps)
+    mlflow_ui: str = ""  # the trials side by side
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        """The flat summary printed as JSON (the report's table is printed apart)."""
+        out = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri,
+               "experiment_path": self.experiment_path, "teacher_path": self.teacher_path, "trials": self.trials,
+               "errors": self.errors, "complete": self.complete, "mlflow_ui": self.mlflow_ui, "wall_s": self.wall_s}
+        if self.teacher is not None:
+            out |= {"teacher_train": self.teacher.train, "teacher_sha256": self.teacher.sha256}
+        return out
 
 
 def trial_key(sweep_name: str, trial_id: str) -> str:
@@ -142,8 +169,8 @@ def _check_same_sweep(path: str, launched: dict) -> None:
         )
 
 
-def run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
-    """Launch or resume the sweep; returns {"parent_run_id", "complete", "report", "trials", "wall_s", ...}.
+def run_sweep(job: JobConfig, sweep: SweepConfig) -> SweepResult:
+    """Launch or resume the sweep (`SweepResult.complete` is False when it was interrupted).
 
     The sweep's lease (sweep.name in run.storage_path) is held throughout; its trials take none."""
     check_job(job, needs_teacher=True)
@@ -151,7 +178,7 @@ def run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
         return _run_sweep(job, sweep)
 
 
-def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
+def _run_sweep(job: JobConfig, sweep: SweepConfig) -> SweepResult:
     ensure_ray()
     # Training reports carry the evaluation metric only every run.eval_every_images; the scheduler skips
     # the others, which Tune's strict check would turn into an error.
@@ -174,29 +201,24 @@ def _run_sweep(job: JobConfig, sweep: SweepConfig) -> dict:
               KEYS_TAG: ",".join(sweep.space)},
         run_key=f"sweep/{sweep.name}",
     )
-    out: dict = {"parent_run_id": parent, "tracking_uri": uri, "experiment_path": path}
+    out = SweepResult(parent, uri, path)
     try:
-        teacher, trained = resolve_teacher(job, parent, os.path.join(path, "export"))
-        out["teacher_path"] = teacher
-        if trained is not None:
-            out |= {"teacher_train": trained.train, "teacher_sha256": trained.sha256}
+        out.teacher_path, out.teacher = resolve_teacher(job, parent, os.path.join(path, "export"))
         if sweep.teacher_baseline and "eval.teacher_ancestral.fd" not in track.client(uri).get_run(parent).data.metrics:
-            evaluate_and_log(job, parent, teacher, None)
-        grid = _tuner(job, sweep, parent, teacher, path, launched).fit()
-        out["trials"] = len(grid)
-        out["errors"] = grid.num_errors
-        out["complete"] = _finished(grid, sweep)
-        if not out["complete"]:
+            evaluate_and_log(job, parent, out.teacher_path, None)
+        grid = _tuner(job, sweep, parent, out.teacher_path, path, launched).fit()
+        out.trials, out.errors, out.complete = len(grid), grid.num_errors, _finished(grid, sweep)
+        if not out.complete:
             _close_interrupted(uri, parent, sweep.name)
             track.end_run(uri, parent, "KILLED")
             logger.warning("sweep %s interrupted; relaunch the same command to resume it", sweep.name)
             return out
-        out["report"] = sweep_report(uri, parent, os.path.join(path, "report"), metric=sweep.metric)
+        out.report = sweep_report(uri, parent, os.path.join(path, "report"), metric=sweep.metric)
         trials = [r.info.run_id for r in track.child_runs(uri, parent)]
         urls = track.ui_urls(uri, track.get_or_create_experiment(uri, job.tracking.experiment), trials)
-        out["mlflow_ui"] = urls.get("compare", urls["runs"])  # the trials side by side
-        out["wall_s"] = time.perf_counter() - t_start
-        track.log_metrics(uri, parent, {"sweep.wall_s": out["wall_s"], "sweep.trials": len(grid)}, step=0)
+        out.mlflow_ui = urls.get("compare", urls["runs"])
+        out.wall_s = time.perf_counter() - t_start
+        track.log_metrics(uri, parent, {"sweep.wall_s": out.wall_s, "sweep.trials": len(grid)}, step=0)
         track.end_run(uri, parent, "FAILED" if grid.num_errors else "FINISHED")
     except BaseException:
         _close_interrupted(uri, parent, sweep.name)
