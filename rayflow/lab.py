@@ -97,6 +97,7 @@ def distill(
     lr_schedule: str = "cosine",
     warmup: int = 0,
     aux_teacher_weight: float = 1.0,
+    aux_per_student: int = 1,
     seed: int = 0,
     cond: torch.Tensor | None = None,
     guided_teacher: nn.Module | None = None,
@@ -104,7 +105,8 @@ def distill(
 ) -> nn.Module:
     """Distil a `student_steps`-step student from the teacher; returns the student's EMA, frozen.
 
-    algorithm: 'alternating' (aux + student, 1:1, lr_aux = lr_ratio * lr_student) or 'parameter_space'.
+    algorithm: 'alternating' (`aux_per_student` aux updates then a student update, lr_aux = lr_ratio * lr_student)
+    or 'parameter_space'.
     `train_steps` counts optimizer updates of any network; the learning rates follow `lr_schedule` ('cosine',
     'linear' or 'constant') after `warmup` updates. `cond` (N, ...)
     conditions each example; `guided_teacher` (the teacher under classifier-free guidance) replaces the teacher in
@@ -119,7 +121,7 @@ def distill(
         teacher.denoiser, guided_teacher or teacher.denoiser, schedule, algorithm=algorithm, steps=student_steps,
         total_updates=train_steps, lr_schedule=lr_schedule, warmup=warmup, lr_student=lr_student, lr_ratio=lr_ratio,
         weighting=weighting, s_sampling=s_sampling, grad_clip=grad_clip, ema_decay=ema_decay,
-        aux_teacher_weight=aux_teacher_weight, precond=precond,
+        aux_teacher_weight=aux_teacher_weight, aux_per_student=aux_per_student, precond=precond,
     )
     gd = _noise_generator(g, seed + 1, device)
     for i, (x, c) in zip(range(train_steps), _batches(data.float(), cond, batch, g, device)):

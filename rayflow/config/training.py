@@ -29,6 +29,7 @@ class DistillConfig:
     beta2: float = 0.99
     adam_eps: float = 1e-12
     lr_decay: str = "cosine"  # cosine | linear | constant (to 0 at the last update; core.steps.WarmupDecay)
+    aux_per_student: int = 1  # alternating: aux updates per student update (1 = the paper's strict alternation)
     # parameter_space's diagonal Lambda: auto = the teacher's Adam second moments when its export has them
     # (teacher_precond.pt), else `gradient`: 1 / (sqrt(mean squared teacher-loss gradient) + 1e-8) over
     # precond_batches batches of real data, computed on the driver once per teacher SHA-256 and cached
@@ -51,6 +52,8 @@ class DistillConfig:
         check_choice("distill.jump", self.jump, ("uniform", "full"))
         check_choice("distill.lr_decay", self.lr_decay, ("cosine", "linear", "constant"))
         check_choice("distill.precondition", self.precondition, PRECONDITIONS)
+        if not isinstance(self.aux_per_student, int) or self.aux_per_student < 1:
+            fail("distill.aux_per_student", self.aux_per_student, "setting an integer >= 1 (1 = strict alternation)")
         if not isinstance(self.precond_batches, int) or self.precond_batches < 1:
             fail("distill.precond_batches", self.precond_batches, "setting an integer >= 1 (e.g. 8)")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -178,7 +178,8 @@ class TeacherStep:
 
 
 class AlternatingStep:
-    """Strict 1:1 alternation: even n updates the aux denoiser, odd n the student (method.md 4, step 6)."""
+    """The alternation of method.md 4, step 6: `aux_per_student` aux updates, then one student update; the default
+    1 is the paper's strict 1:1 (even n the aux, odd n the student)."""
 
     def __init__(
         self,
@@ -191,14 +192,22 @@ class AlternatingStep:
         *,
         grad_clip: float | None = 1.0,
         ema: EMA | None = None,
+        aux_per_student: int = 1,
     ):
+        if not isinstance(aux_per_student, int) or aux_per_student < 1:
+            raise ValueError(f"aux_per_student={aux_per_student} must be an integer >= 1")
         self.method, self.teacher, self.student, self.aux = method, teacher, student, aux
         self.opt_student, self.opt_aux, self.grad_clip, self.ema = opt_student, opt_aux, grad_clip, ema
+        self.aux_per_student = aux_per_student
         self.student_params = [p for p in student.parameters() if p.requires_grad]
         self.aux_params = [p for p in aux.parameters() if p.requires_grad]
 
+    def updates_aux(self, n: int) -> bool:
+        """Whether update n moves the aux (else the student)."""
+        return n % (self.aux_per_student + 1) < self.aux_per_student
+
     def __call__(self, n: int, x: torch.Tensor, cond: torch.Tensor | None, generator=None) -> dict[str, float]:
-        if n % 2 == 0:
+        if self.updates_aux(n):
             with torch.no_grad():
                 r = self.method.rollout(self.student, x, cond, generator)
             loss = self.method.aux_loss(r, self.aux, self.teacher, cond).mean()
@@ -272,6 +281,7 @@ def build_distillation(
     grad_clip: float | None = 1.0,
     ema_decay: float = 0.999,
     aux_teacher_weight: float = 1.0,
+    aux_per_student: int = 1,
     forward_dtype: torch.dtype | None = None,
     precond: dict[str, torch.Tensor] | None = None,
     grad_reduce=None,
@@ -302,7 +312,8 @@ def build_distillation(
         lr_aux = lr_student * lr_ratio
         opt_a = make_adam(aux.parameters(), lr_aux, betas=betas, eps=adam_eps)
         method = AlternatingMomentMatching(schedule, steps, aux_teacher_weight=aux_teacher_weight, **kw)
-        step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema)
+        step = AlternatingStep(method, teacher, student, aux, opt_s, opt_a, grad_clip=grad_clip, ema=ema,
+                               aux_per_student=aux_per_student)
         optimizers = {"student": opt_s, "aux": opt_a}
         return Distillation({"student": student, "aux": aux}, optimizers, schedules(optimizers), ema, step)
     if precond is not None:

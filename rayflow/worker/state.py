@@ -134,7 +134,8 @@ def build_state(
         total_updates=total, lr_student=d.lr_student, lr_ratio=d.lr_ratio, lr_schedule=d.lr_decay,
         betas=(d.beta1, d.beta2),
         adam_eps=d.adam_eps, weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, grad_clip=d.grad_clip,
-        ema_decay=d.ema_decay, forward_dtype=forward_dtype, precond=precond, grad_reduce=all_reduce_mean,
+        ema_decay=d.ema_decay, aux_per_student=d.aux_per_student, forward_dtype=forward_dtype, precond=precond,
+        grad_reduce=all_reduce_mean,
         make_trainable=lambda m: _trainable_copy(m, job), wrap=wrap,
     )
     return TrainState(role, dist.trainables, dist.optimizers, dist.schedulers, dist.ema, dist.step, total)

@@ -376,3 +376,25 @@ def test_warmup_decay_is_a_torch_scheduler_that_follows_the_closed_form_and_seek
     assert fresh.optimizer.param_groups[0]["lr"] == seen[13][0] == fresh.get_last_lr()[0]
     with pytest.raises(ValueError, match="schedule"):
         WarmupDecay(opt, "step", 20)
+
+
+@pytest.mark.parametrize("aux_per_student", [1, 2, 3])
+def test_alternation_runs_aux_per_student_aux_updates_then_one_student_update(aux_per_student):
+    teacher = freeze(_denoiser(0))
+    student, aux = clone_trainable(teacher), clone_trainable(_denoiser(3))
+    step = AlternatingStep(AlternatingMomentMatching(SCH, steps=2), teacher, student, aux,
+                           make_adam(student.parameters(), 1e-2), make_adam(aux.parameters(), 1e-2),
+                           aux_per_student=aux_per_student)
+    moved = []
+    for n in range(2 * (aux_per_student + 1)):
+        before = [p.clone() for p in (*student.parameters(), *aux.parameters())]
+        metrics = step(n, torch.randn(16, 3), None)
+        after = list((*student.parameters(), *aux.parameters()))
+        n_student = len(list(student.parameters()))
+        student_moved = any(not torch.equal(a, b) for a, b in zip(before[:n_student], after[:n_student]))
+        aux_moved = any(not torch.equal(a, b) for a, b in zip(before[n_student:], after[n_student:]))
+        assert student_moved != aux_moved and (("loss/aux" in metrics) == aux_moved)
+        moved.append("aux" if aux_moved else "student")
+    assert moved == (["aux"] * aux_per_student + ["student"]) * 2
+    with pytest.raises(ValueError, match="aux_per_student"):
+        AlternatingStep(step.method, teacher, student, aux, step.opt_student, step.opt_aux, aux_per_student=0)
