@@ -11,8 +11,10 @@ from torch import nn
 from rayflow.config import DataConfig, ModelConfig, TeacherConfig
 from rayflow.core.diffusion import Denoiser, GuidedDenoiser
 from rayflow.core.schedule import CosineSchedule, Schedule, resolution_shift
+from rayflow.files import sha256_file
 from rayflow.nets import build_net
-from rayflow.teachers import check_state_dict, load_adapted_teacher, read_state_dict, sha256_file, verify_digests
+from rayflow.teachers import load_adapted_teacher, verify_digests
+from rayflow.weights import check_state_dict, read_state_dict
 
 __all__ = ["build_denoiser", "build_schedule", "guided", "load_teacher", "save_state_dict", "sha256_file"]
 

@@ -38,6 +38,7 @@ from rayflow.core.schedule import (
     resolution_shift,
 )
 from rayflow.files import sha256_file
+from rayflow.weights import check_state_dict, index_shards, read_state_dict
 
 if TYPE_CHECKING:
     from rayflow.config import DataConfig, ModelConfig, TeacherConfig
@@ -47,7 +48,6 @@ DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
 PRECOND_NAME = "teacher_precond.pt"  # beside a native teacher: 1 / (sqrt(Adam v) + eps) by parameter name
-MAX_LISTED = 5  # mismatches listed in an error
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class DiffusersLayout:
         for name in (SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json", BIN_NAME, BIN_NAME + ".index.json"):
             path = os.path.join(model_dir, name)
             if os.path.isfile(path):
-                weights = [path] + _shards(path) if name.endswith(".index.json") else [path]
+                weights = [path] + index_shards(path) if name.endswith(".index.json") else [path]
                 break
         if not weights:
             raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or .bin, or a sharded index) in {model_dir}. "
@@ -96,12 +96,6 @@ class DiffusersLayout:
             raise FileNotFoundError(f"teacher.scheduler_config {scheduler_config!r} does not exist. FIX THIS by "
                                     "pointing it at the scheduler_config.json the teacher was trained with")
         return cls(root, model_dir, config, weights, scheduler)
-
-
-def _shards(index_path: str) -> list[str]:
-    with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    return [os.path.join(os.path.dirname(index_path), s) for s in sorted(set(weight_map.values()))]
 
 
 def teacher_files(t: TeacherConfig) -> dict[str, str]:
@@ -146,57 +140,6 @@ def verify_digests(t: TeacherConfig) -> None:
                 f"{want} (teacher.files_sha256.{name}). FIX THIS by restoring the file, or starting a new run "
                 "(another run.name) for the new teacher"
             )
-
-
-def read_state_dict(path: str, *, state_key: str | None = None) -> dict[str, torch.Tensor]:
-    """A state_dict from `.safetensors` (or a sharded `.index.json`) or a torch file read with weights_only=True.
-
-    state_key selects a nested entry ("ema", "model.ema") of checkpoints that hold more than the weights.
-    """
-    if path.endswith(".index.json"):
-        state: dict = {}
-        for shard in _shards(path):
-            state.update(read_state_dict(shard))
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError for pickled objects, RuntimeError for other formats
-            raise ValueError(
-                f"teacher file {path} is not a plain state_dict that loads with weights_only=True "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). rayflow never unpickles code. FIX THIS by "
-                "converting it once, where you trust it, to .safetensors (README: Distill your own model)"
-            ) from None
-    for part in state_key.split(".") if state_key else []:
-        if not isinstance(state, Mapping) or part not in state:
-            keys = sorted(state)[:10] if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"teacher file {path} has no entry {part!r} (teacher.state_key={state_key!r}); its "
-                             f"top-level keys are {keys}. FIX THIS by setting teacher.state_key to one of them")
-        state = state[part]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = sorted(state)[:10] if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"teacher file {path} is not a flat name -> tensor state_dict (top level: {keys}). "
-                         "FIX THIS by setting teacher.state_key to the entry that holds the weights (e.g. ema)")
-    return dict(state)
-
-
-def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str, fix: str):
-    """Raise a ValueError listing the first missing, unexpected and shape-mismatched keys, if any."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{what}: {len(missing)} missing {missing[:MAX_LISTED]}, {len(unexpected)} unexpected "
-            f"{unexpected[:MAX_LISTED]}, {len(shapes)} shape mismatches {shapes[:MAX_LISTED]}. FIX THIS by {fix}"
-        )
 
 
 def _strip_net_prefix(state: dict, expected: Mapping) -> dict:

@@ -20,9 +20,10 @@ from rayflow.core.metrics import mixture_metrics
 from rayflow.core.moment_matching import gradient_preconditioner
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import LinearBetaSchedule, TableSchedule
+from rayflow.files import sha256_file
 from rayflow.models import load_teacher
 from rayflow.resolve import resolve
-from rayflow.teachers import read_state_dict, sha256_file
+from rayflow.weights import read_state_dict
 from rayflow.worker.state import build_state
 
 SPEC = {  # a 4-D mixture: images of 1 x 2 x 2 pixels for the network-shaped tests

@@ -18,7 +18,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from rayflow.config import ConfigError, DataConfig, JobConfig
 from rayflow.resolve import resolve
-from rayflow.teachers import read_state_dict
+from rayflow.weights import read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from rayflow.models import save_state_dict
 from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.orchestrate.training import export_student, export_teacher
 from rayflow.teachers import PRECOND_NAME as TEACHER_PRECOND
-from rayflow.teachers import read_state_dict
+from rayflow.weights import read_state_dict
 from rayflow.worker.loop import STATE_FILE
 from rayflow.worker.state import build_state
 
