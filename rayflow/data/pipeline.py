@@ -1,5 +1,6 @@
-"""Training pipeline on top of a source: seeded shuffle, flip and scaling in Ray Data, and the
-iterator Ray Train workers use to pull (x, label) torch batches from their shard.
+"""Training pipeline on top of a source: seeded shuffle, flip and the CHW layout in Ray Data (images stay uint8
+through the object store), and the iterator Ray Train workers use to pull (x, label) torch batches from their
+shard, which scales the images to float32 [-1, 1] on the worker's device.
 
 Pass the result of `build_train_dataset` to `TorchTrainer(datasets={"train": ds})`; each worker then
 calls `iter_torch_batches(ray.train.get_dataset_shard("train"), ...)` once per epoch.
@@ -19,7 +20,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.blocks import image_table
-from rayflow.data.transforms import horizontal_flip, stack_images, to_model_input
+from rayflow.data.transforms import horizontal_flip, scale_to_unit_range_torch, stack_images, to_chw
 
 if TYPE_CHECKING:
     import torch
@@ -62,14 +63,15 @@ def check_labels(labels: np.ndarray, num_classes: int) -> None:
         )
 
 
-def _flip_and_scale(batch: dict[str, np.ndarray], *, seed: int, flip: bool, num_classes: int | None) -> pa.Table:
+def _flip_to_chw(batch: dict[str, np.ndarray], *, seed: int, flip: bool, num_classes: int | None) -> pa.Table:
     images = stack_images(batch["image"])  # (N, H, W, C) uint8
     labels = np.asarray(batch["label"], dtype=np.int64)
     if num_classes is not None:
         check_labels(labels, num_classes)
     if flip and len(labels):
         images = horizontal_flip(images, row_uniforms(images, seed, _execution_index()) < 0.5)
-    table = image_table(to_model_input(images), labels)  # image: (N, C, H, W) float32
+    # uint8, not float32: a quarter of the bytes through the object store; iter_torch_batches scales on the device
+    table = image_table(to_chw(images), labels)  # image: (N, C, H, W) uint8
     if COND_COLUMN in batch:  # text: the packed condition (N, L, D + 1) from the encoder stage rides along
         cond = stack_images(batch[COND_COLUMN]).astype(np.float32, copy=False)  # (N, L, D + 1)
         table = table.append_column(COND_COLUMN, ArrowTensorArray.from_numpy(cond))
@@ -87,7 +89,10 @@ def build_train_dataset(
     epoch: int = 0,
     num_classes: int | None = None,
 ) -> ray.data.Dataset:
-    """Source (uint8 `image` HWC, int64 `label`) -> training dataset (float32 `image` CHW in [-1, 1]).
+    """Source (uint8 `image` HWC, int64 `label`) -> training dataset (uint8 `image` CHW, flipped).
+
+    Scaling to float32 [-1, 1] happens in `iter_torch_batches`, on the worker's device; outside training, scale
+    the `image` column with `rayflow.data.transforms.scale_to_unit_range` (numpy) or `..._torch`.
 
     - flip: left-right mirror with probability 0.5, drawn per image from (seed, epoch, pixels), so it
       is reproducible for a given seed yet differs between epochs.
@@ -96,8 +101,8 @@ def build_train_dataset(
       default) turns it on only for in-memory sources (the built-ins, where it costs nothing). Shuffle
       file sources at read time instead (`file_shuffle_seed=` on the source) and with a local shuffle
       buffer in `iter_torch_batches`.
-    - batch_size: rows per map call; None = one call per block, which lets Ray fuse read, decode,
-      flip and scale into one task (~1.6x the throughput of batch_size=256 in benchmarks/ingest.py).
+    - batch_size: rows per map call; None = one call per block, which lets Ray fuse read, decode
+      and flip into one task (~1.6x the throughput of batch_size=256 in benchmarks/ingest.py).
     - preserve_order: make Ray Data emit rows in a deterministic order (slower; for tests and resume).
     - num_classes: when set, a label outside 0..num_classes-1 stops the run (checked here, in the CPU tasks,
       rather than on the training device). None for text data, whose labels may be -1.
@@ -113,7 +118,7 @@ def build_train_dataset(
     if block_shuffle:
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     ds = ds.map_batches(
-        _flip_and_scale, fn_kwargs=dict(seed=seed, flip=flip, num_classes=num_classes), batch_format="numpy",
+        _flip_to_chw, fn_kwargs=dict(seed=seed, flip=flip, num_classes=num_classes), batch_format="numpy",
         batch_size=batch_size,
     )
     # Each Dataset carries its own DataContext copy, so these settings do not leak into other datasets.
@@ -142,18 +147,23 @@ def iter_torch_batches(
     """Yield (x float32 (B, C, H, W) in [-1, 1], cond) on device from one worker's shard: cond is the int64 class
     label (B,), or for text data the packed text condition float32 (B, L, D + 1) of the `cond` column.
 
+    Images arrive as uint8, move to the device as uint8, and are scaled there (`scale_to_unit_range_torch`: the
+    same float32 values as `rayflow.data.transforms.to_model_input`).
+
     Call once per epoch on `ray.train.get_dataset_shard("train")`. prefetch_batches keeps that many
     batches in flight while the step runs. A local shuffle buffer mixes rows across blocks; derive
     local_shuffle_seed from (seed, rank, epoch) for a different but reproducible order every epoch.
     drop_last keeps every step's batch the same size (the default, for stable compiled shapes).
     """
-    # Imported here, not at module level: Ray Data's map tasks unpickle `_flip_and_scale` from this
+    # Imported here, not at module level: Ray Data's map tasks unpickle `_flip_to_chw` from this
     # module in every worker process, and a module-level torch import costs each of them seconds.
     import torch
 
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={"image": torch.float32, "label": torch.int64, COND_COLUMN: torch.float32},
+        # `image`: None keeps the column's own dtype (torch.as_tensor infers it); a cast would hide a shard that
+        # does not carry the pipeline's uint8 images
+        dtypes={"image": None, "label": torch.int64, COND_COLUMN: torch.float32},
         device=device,
         prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
@@ -165,10 +175,11 @@ def iter_torch_batches(
     for batch in batches:
         x, label = batch["image"], batch.get(COND_COLUMN, batch["label"])
         if not checked:
-            if x.ndim != 4 or x.shape[1] not in (1, 3):
+            if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(
-                    f"shard yields images of shape {tuple(x.shape)}, expected (B, C, H, W) with C in (1, 3); "
+                    f"shard yields {x.dtype} images of shape {tuple(x.shape)}, expected uint8 (B, C, H, W) with C in "
+                    "(1, 3); "
                     "FIX THIS by passing the source through build_train_dataset before TorchTrainer"
                 )
             checked = True
-        yield x, label
+        yield scale_to_unit_range_torch(x), label

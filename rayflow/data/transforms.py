@@ -1,20 +1,29 @@
-"""Pure numpy/PIL image transforms: bytes -> uint8 HWC -> float32 NCHW in [-1, 1].
+"""Pure numpy/PIL image transforms: bytes -> uint8 HWC -> float32 NCHW in [-1, 1], and the torch twin of the
+last step (`scale_to_unit_range_torch`) that the training worker runs on its device.
 
 No Ray here, so every function can be tested and reused (sampling, evaluation) without a cluster.
 Layout conventions: a single image is (H, W, C) uint8, a batch is (N, H, W, C) uint8 until
-`to_model_input` turns it into (N, C, H, W) float32. C is 1 (grayscale) or 3 (RGB).
+`to_model_input` turns it into (N, C, H, W) float32. C is 1 (grayscale) or 3 (RGB). The training
+pipeline stops one step earlier, at uint8 (N, C, H, W) (`to_chw`): a quarter of float32's bytes
+through the object store; the worker scales on its device.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
+
 CropMethod = Literal["adm", "crop_resize"]
 CHANNELS = (1, 3)
+# The model's pixel range: x / HALF_RANGE - 1 in float32, so 0 -> -1 and 255 -> 1 exactly. Both scaling functions
+# below do exactly these two float32 IEEE operations, so numpy on a CPU and torch on any device agree bit for bit.
+HALF_RANGE = 127.5
 
 
 def _check_channels(channels: int) -> None:
@@ -139,14 +148,46 @@ def stack_images(column: np.ndarray) -> np.ndarray:
     return np.stack([stack_images(row) if isinstance(row, np.ndarray) else np.asarray(row) for row in column])
 
 
-def to_model_input(batch: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1 exactly)."""
+def _check_nhwc(batch: np.ndarray) -> None:
     if batch.ndim != 4 or batch.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (N, H, W, C) batch, got {batch.dtype} {batch.shape}")
-    x = batch.transpose(0, 3, 1, 2).astype(np.float32)  # (N, C, H, W)
-    x /= np.float32(127.5)
+
+
+def to_chw(batch: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> uint8 (N, C, H, W), contiguous."""
+    _check_nhwc(batch)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))  # (N, C, H, W)
+
+
+def scale_to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) -> float32 in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1 exactly)."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
+    x = images.astype(np.float32)
+    x /= np.float32(HALF_RANGE)
     x -= np.float32(1.0)
     return x
+
+
+def scale_to_unit_range_torch(images: torch.Tensor) -> torch.Tensor:
+    """`scale_to_unit_range` in torch, on the tensor's device: uint8 (any shape) -> float32 in [-1, 1], the same
+    float32 values bit for bit. Move the uint8 tensor to the device first (a quarter of the bytes), then scale."""
+    import torch  # here, not at module level: Ray Data's map tasks import this module and need no torch
+
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
+    x = images.to(torch.float32)
+    # A divisor tensor on the same device, not a Python number: CUDA turns division by a CPU scalar into a
+    # multiplication by its reciprocal, which can differ from numpy's division in the last bit.
+    x.div_(torch.tensor(HALF_RANGE, dtype=torch.float32, device=x.device))
+    x.sub_(1.0)
+    return x
+
+
+def to_model_input(batch: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]: x / 127.5 - 1 (0 -> -1, 255 -> 1 exactly)."""
+    _check_nhwc(batch)
+    return scale_to_unit_range(batch.transpose(0, 3, 1, 2))  # (N, C, H, W)
 
 
 def horizontal_flip(batch: np.ndarray, mask: np.ndarray) -> np.ndarray:

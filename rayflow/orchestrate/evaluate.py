@@ -12,6 +12,7 @@ import torch
 
 from rayflow.config import EvalTarget, JobConfig
 from rayflow.core.metrics import gaussian_stats
+from rayflow.data.transforms import scale_to_unit_range, scale_to_unit_range_torch
 from rayflow.evaluation.classifier import load_or_train_classifier
 from rayflow.evaluation.fid import (
     ReferenceStats,
@@ -44,9 +45,11 @@ def cache_dir(job: JobConfig) -> str:
 
 
 def real_images(job: JobConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to n preprocessed real images (N, C, H, W) in [-1, 1] and labels, from the training pipeline."""
+    """Up to n preprocessed real images (N, C, H, W) in [-1, 1] and labels, from the training pipeline (scaled as
+    the training workers scale them)."""
     batch = train_dataset(job.data, encode_text=False).limit(n).take_batch(n, batch_format="numpy")
-    return torch.from_numpy(np.stack(batch["image"])).float(), torch.from_numpy(np.array(batch["label"])).long()
+    x = scale_to_unit_range_torch(torch.from_numpy(np.stack(batch["image"])))  # uint8 -> float32 (N, C, H, W)
+    return x, torch.from_numpy(np.array(batch["label"])).long()
 
 
 def generate(
@@ -189,8 +192,8 @@ def fid_reference(job: JobConfig, cache_dir: str, inception: FIDInceptionV3) -> 
 
     def batches():
         ds = train_dataset(job.data, encode_text=False).limit(n)
-        # copies: Ray's batches are read-only, torch warns on them
-        return (np.array(b["image"]) for b in ds.iter_batches(batch_size=FID_BATCH, batch_format="numpy"))
+        # uint8 (B, C, H, W) -> float32 [-1, 1], as the training workers scale them (a new, writable array)
+        return (scale_to_unit_range(b["image"]) for b in ds.iter_batches(batch_size=FID_BATCH, batch_format="numpy"))
 
     meta = {"data": {k: getattr(d, k) for k in ("source", "path", "resolution", "channels", "random_flip", "seed")},
             "pipeline": "rayflow.orchestrate.datasets.train_dataset"}

@@ -172,8 +172,7 @@ def test_image_folder_of_odd_modes_and_sizes_yields_clean_tensors(
     source = image_folder(str(root), RES, channels=channels, skip_log=log)
     batch = build_train_dataset(source, seed=0, flip=False).take_batch(1000, batch_format="numpy")
     x, labels = batch["image"], batch["label"]
-    assert x.shape == (len(labels), channels, RES, RES) and x.dtype == np.float32
-    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert x.shape == (len(labels), channels, RES, RES) and x.dtype == np.uint8  # scaled on the training worker
     # c/ holds only bad files: it yields nothing yet keeps index 2, so d/ is still label 3.
     assert Counter(labels.tolist()) == {0: len(ODD), 1: len(SIZES), 3: 1}
     skipped = log.skipped()

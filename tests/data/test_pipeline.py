@@ -1,4 +1,5 @@
-"""Training pipeline: flip + scale in Ray Data, seeded determinism, worker-side torch batches."""
+"""Training pipeline: flip + CHW layout in Ray Data (uint8 through the object store), seeded determinism,
+worker-side scaling in the torch batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.pipeline import build_train_dataset, iter_torch_batches, row_uniforms
-from rayflow.data.transforms import to_model_input
+from rayflow.data.transforms import horizontal_flip, to_chw, to_model_input
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 N, RES = 240, 8
@@ -38,19 +39,21 @@ def _epoch(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def _flipped(x: np.ndarray, ids: np.ndarray, originals: np.ndarray) -> np.ndarray:
     """Which rows came out mirrored; fails if a row is neither the original nor its mirror."""
-    plain = to_model_input(originals[ids])
-    mirror = to_model_input(originals[ids][:, :, ::-1])
+    plain = to_chw(originals[ids])
+    mirror = to_chw(originals[ids][:, :, ::-1])
     is_plain = (x == plain).all(axis=(1, 2, 3))
     is_mirror = (x == mirror).all(axis=(1, 2, 3))
-    assert np.all(is_plain | is_mirror), "a row is neither the scaled original nor its mirror"
+    assert np.all(is_plain | is_mirror), "a row is neither the original (CHW) nor its mirror"
     return is_mirror
 
 
-def test_scales_to_float_chw_and_flips_about_half(originals: np.ndarray) -> None:
-    x, ids = _epoch(build_train_dataset(_source(originals), seed=3))
-    assert x.dtype == np.float32 and x.shape == (N, 3, RES, RES) and ids.dtype == np.int64
+def test_images_stay_uint8_chw_through_the_object_store_and_flip_about_half(originals: np.ndarray) -> None:
+    train = build_train_dataset(_source(originals), seed=3)
+    x, ids = _epoch(train)
+    # uint8, a quarter of float32's bytes: the scaling to [-1, 1] is the worker's (iter_torch_batches)
+    assert x.dtype == np.uint8 and x.shape == (N, 3, RES, RES) and ids.dtype == np.int64
+    assert "uint8" in str(train.schema().types[0])
     assert sorted(ids.tolist()) == list(range(N))
-    assert x.min() >= -1.0 and x.max() <= 1.0
     flipped = _flipped(x, ids, originals)
     assert 0.35 < flipped.mean() < 0.65
     # the documented rule: flip where the (seed, epoch, pixels) hash draws < 0.5; first epoch is 0
@@ -139,9 +142,29 @@ def test_iter_torch_batches_yields_model_ready_tensors(originals: np.ndarray) ->
     assert sorted(torch.cat([lab for _, lab in everything]).tolist()) == list(range(N))
 
 
+def test_iter_torch_batches_scales_to_exactly_the_in_pipeline_values(originals: np.ndarray) -> None:
+    # the values the pipeline used to ship (to_model_input of the flipped HWC image in a Ray task) must come out
+    # of the worker-side scaling bit for bit, so resumed runs and data ledgers see the same numbers
+    seed = 4
+    ds = build_train_dataset(_source(originals), seed=seed, preserve_order=True)
+    x, ids = zip(*iter_torch_batches(ds, 64, "cpu", drop_last=False), strict=True)
+    x, ids = torch.cat(x).numpy(), torch.cat(ids).numpy()
+    flip = row_uniforms(originals[ids], seed, 0) < 0.5  # the documented rule, first epoch
+    expected = to_model_input(horizontal_flip(originals[ids], flip))
+    assert x.dtype == np.float32 and np.array_equal(x, expected)
+
+
 def test_iter_torch_batches_rejects_an_unscaled_source(originals: np.ndarray) -> None:
     with pytest.raises(ValueError, match="build_train_dataset"):
         next(iter_torch_batches(_source(originals), 16, "cpu"))
+
+
+def test_iter_torch_batches_rejects_float_images(originals: np.ndarray) -> None:
+    # a shard of already-scaled float32 CHW images (the pre-uint8 pipeline's output) would be scaled twice
+    floats = ray.data.from_arrow(pa.table({"image": ArrowTensorArray.from_numpy(to_model_input(originals[:32])),
+                                           "label": pa.array(range(32), pa.int64())}))
+    with pytest.raises(ValueError, match="uint8"):
+        next(iter_torch_batches(floats, 16, "cpu"))
 
 
 @ray.remote(num_cpus=0.25)

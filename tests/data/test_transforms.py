@@ -13,7 +13,10 @@ from rayflow.data.transforms import (
     decode_image,
     horizontal_flip,
     random_flip,
+    scale_to_unit_range,
+    scale_to_unit_range_torch,
     stack_images,
+    to_chw,
     to_model_input,
 )
 
@@ -170,6 +173,36 @@ def test_to_model_input_layout_and_range() -> None:
 def test_to_model_input_one_channel() -> None:
     x = to_model_input(np.full((2, 4, 4, 1), 255, np.uint8))
     assert x.shape == (2, 1, 4, 4) and np.all(x == 1.0)
+
+
+def test_to_chw_then_scaling_is_to_model_input_bit_for_bit() -> None:
+    # the training pipeline ships uint8 CHW (to_chw) and the worker scales on its device (torch): together they
+    # must give exactly the float32 values the old in-pipeline to_model_input gave, for every pixel value
+    import torch
+
+    batch = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1).repeat(3, axis=3)  # every value, 3 channels
+    batch = np.concatenate([batch, np.random.default_rng(3).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)])
+    chw = to_chw(batch)
+    assert chw.dtype == np.uint8 and chw.shape == (8, 3, 8, 8) and chw.flags.c_contiguous
+    np.testing.assert_array_equal(chw, batch.transpose(0, 3, 1, 2))
+    expected = to_model_input(batch)
+    on_worker = scale_to_unit_range_torch(torch.from_numpy(chw))
+    assert on_worker.dtype == torch.float32 and on_worker.is_contiguous()
+    assert np.array_equal(on_worker.numpy(), expected)  # exact, not allclose
+    assert np.array_equal(scale_to_unit_range(chw), expected)
+    # any layout: the scaling is per value (HWC batches scale, then transpose, to the same numbers)
+    assert np.array_equal(scale_to_unit_range_torch(torch.from_numpy(batch)).permute(0, 3, 1, 2).numpy(), expected)
+
+
+def test_scaling_rejects_pixels_that_are_not_uint8() -> None:
+    import torch
+
+    with pytest.raises(ValueError, match="uint8"):
+        scale_to_unit_range(np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        scale_to_unit_range_torch(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="uint8"):
+        to_chw(np.zeros((2, 4, 4, 3), np.float32))
 
 
 def test_random_flip_mirrors_exactly_the_drawn_images() -> None:
