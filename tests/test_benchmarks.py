@@ -33,3 +33,5 @@ def test_train_step_plain_part_times_the_teacher_and_alternating_steps(tmp_path)
     for summary in out.values():
         assert summary["updates"] == 4 and summary["s_per_update"] > 0
     assert out["alternating"]["aux_s"] > 0 and out["alternating"]["student_s"] > 0
+    costs = ts.pass_costs(args, str(tmp_path), 4)
+    assert 1 < costs["alternating_bound"] < 3 and costs["forward_s"] > 0
