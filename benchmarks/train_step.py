@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from rayflow.config import JobConfig
+from rayflow.malloc import keep_freed_memory
 from rayflow.models import build_denoiser, save_state_dict
 from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.worker.state import TrainState, build_state
@@ -69,8 +70,11 @@ def job_dict(args: argparse.Namespace, teacher_path: str | None, storage: str, a
         },
         "model": {"channels": args.channels, "channel_mult": [1, 2], "attn_levels": []},
         "teacher": {"checkpoint": teacher_path, "train_images": updates * args.batch},
-        "distill": {"algorithm": algorithm, "train_images": updates * args.batch},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1, "max_failures": 0},
+        # identity Lambda: the default (a gradient preconditioner) would read real images through Ray Data, which
+        # starts Ray before the plain part; a diagonal Lambda costs one elementwise product per parameter anyway
+        "distill": {"algorithm": algorithm, "train_images": updates * args.batch, "precondition": "identity"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1, "max_failures": 0,
+                      "keep_freed_memory": not getattr(args, "default_malloc", False)},
         "run": {
             "name": "train-step-bench",
             "storage_path": storage,
@@ -98,11 +102,14 @@ class Timed:
     def __init__(self, name: str, state: TrainState, x: torch.Tensor, label: torch.Tensor, seed: int = 0):
         self.name, self.state, self.x, self.label, self.seed = name, state, x, label, seed
         self.times: list[float] = []
+        self.cpu: list[float] = []  # this thread's CPU seconds per update
 
     def _one(self) -> None:
         c = self.state.counters
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + c.updates)
+        cpu0 = time.thread_time()
         self.state.step(c.updates, self.x, self.label, g)
+        self.cpu.append(time.thread_time() - cpu0)
         c.updates += 1
         self.state.step_schedules()
 
@@ -125,6 +132,7 @@ class Timed:
             "median_pair_s": round(statistics.median(pairs), 4),
             "best_window_s": round(min(chunks), 4) if chunks else None,  # windows as long as Ray's
             "updates": len(t),
+            "cpu_s_per_update": round(statistics.fmean(self.cpu[-len(t):]), 4),
         }
         if self.name == "alternating":  # updates alternate aux (even n) and student (odd n), from n = 0
             out["aux_s"] = round(statistics.fmean(t[0::2]), 4)
@@ -226,14 +234,15 @@ def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[s
     for r in reports:
         n = int(r["updates"]) - prev
         prev = int(r["updates"])
-        windows.append((n, n * args.batch / r["images_per_s"], r["data_wait_share"]))
+        windows.append((n, n * args.batch / r["images_per_s"], r["data_wait_share"], r["step_cpu_share"]))
     steady = windows[1:]
     if not steady:
         raise RuntimeError("only one report window; FIX THIS by raising --updates or lowering --report-every")
-    steady_updates = sum(n for n, _, _ in steady)
-    steady_time = sum(s for _, s, _ in steady)
+    steady_updates = sum(n for n, *_ in steady)
+    steady_time = sum(s for _, s, *_ in steady)
     s_per_update = steady_time / steady_updates
-    compute_s = sum(s * (1 - w) for _, s, w in steady) / steady_updates
+    compute_s = sum(s * (1 - w) for _, s, w, _ in steady) / steady_updates
+    cpu_s = sum(s * (1 - w) * share for _, s, w, share in steady) / steady_updates
     fit_wall = t_end - t_start
     startup = (reports[0]["time"] - t_start) - windows[0][0] * s_per_update
     teardown = t_end - reports[-1]["time"]
@@ -243,10 +252,11 @@ def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[s
         "method": "alternating",
         "s_per_update": round(s_per_update, 4),
         "compute_only_s_per_update": round(compute_s, 4),
+        "cpu_s_per_update": round(cpu_s, 4),  # the training thread's CPU seconds in the steps
         "data_wait_share": round(1 - compute_s / s_per_update, 4),
         "steady_updates": steady_updates,
         "reports": len(reports),
-        "best_window_s_per_update": round(min(s / n for n, s, _ in steady), 4),
+        "best_window_s_per_update": round(min(s / n for n, s, *_ in steady), 4),
         "first_window_s_per_update": round(windows[0][1] / windows[0][0], 4),
         "fit_wall_s": round(fit_wall, 2),
         "startup_s": round(startup, 2),
@@ -267,12 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="untimed in-process updates per method")
     parser.add_argument("--report-every", type=int, default=10, help="updates per Ray Train report window")
     parser.add_argument("--out", help="also write all records to this JSON file")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="glibc's default malloc settings in both loops (resources.keep_freed_memory=false)")
     args = parser.parse_args(argv)
     for flag in ("updates", "plain_updates", "warmup", "report_every"):
         if getattr(args, flag) % 2:  # alternating: whole aux+student pairs in every timed stretch
             parser.error(f"--{flag.replace('_', '-')} must be even")
     torch.set_num_threads(1)
+    if not args.default_malloc:  # as the worker does (resources.keep_freed_memory), so both loops run alike
+        keep_freed_memory()
     common = {
+        "keep_freed_memory": not args.default_malloc,
         "res": args.res,
         "batch": args.batch,
         "channels": args.channels,
@@ -338,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             "plain_s_per_update": round(plain_alt, 4),
             "ratio": round(ray_result["s_per_update"] / plain_alt, 3),
             "compute_only_ratio": round(ray_result["compute_only_s_per_update"] / plain_alt, 3),
+            # CPU seconds of the step itself: ~1 means the worker computes the same; the rest of the wall-time
+            # ratio is the step waiting (for a core, or for the GIL held by the worker's other threads)
+            "cpu_ratio": round(ray_result["cpu_s_per_update"] / after["cpu_s_per_update"], 3),
             "best_window_ratio": round(ray_result["best_window_s_per_update"] / plain_best, 3) if plain_best else None,
         }
     )

@@ -71,6 +71,9 @@ class ResourcesConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     torch_threads: int = 0  # per worker; 0 = torch's default
+    # glibc keeps freed CPU memory for reuse (rayflow.malloc): no page-fault storm every step on CPU workers and
+    # driver-side sampling; the process then holds its peak memory
+    keep_freed_memory: bool = True
 
     def forward_dtype(self, device_type: str):
         """The autocast dtype of network forwards on a device type, or None for full precision."""

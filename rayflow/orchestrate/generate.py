@@ -22,6 +22,7 @@ from rayflow.config import DataConfig, JobConfig
 from rayflow.data import shapes
 from rayflow.data.text import make_encoder, pack_text
 from rayflow.evaluation.generate import generate_samples
+from rayflow.malloc import keep_freed_memory
 from rayflow.models import guided, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class GeneratorActor:
     def __init__(self, job: JobConfig, path: str, model: str, sampler: str, steps: int, labels: np.ndarray,
                  seed: int, chunk: int) -> None:
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        if job.resources.keep_freed_memory:
+            keep_freed_memory()
         self.denoiser = load_for_sampling(job, path, model, self.device)
         self.job, self.sampler, self.steps, self.seed, self.chunk = job, sampler, steps, seed, chunk
         self.labels = torch.from_numpy(labels)

@@ -14,6 +14,7 @@ import torch
 from rayflow import track
 from rayflow.config import JobConfig, with_overrides
 from rayflow.files import export_path
+from rayflow.malloc import keep_freed_memory
 from rayflow.orchestrate.evaluate import cache_dir, evaluate
 from rayflow.orchestrate.lease import hold
 from rayflow.orchestrate.preflight import check_job
@@ -113,6 +114,8 @@ def evaluate_and_log(job: JobConfig, run_id: str, teacher_path: str | None, stud
     uri = job.tracking.resolved_uri()
     if job.resources.torch_threads:  # sampling on the driver: more threads than cores slow it down
         torch.set_num_threads(job.resources.torch_threads)
+    if job.resources.keep_freed_memory:
+        keep_freed_memory()
     ev = evaluate(job, teacher_path, student_path, cache_dir(job))
     track.log_metrics(uri, run_id, ev["metrics"], step=0)
     for name, x in ev["samples"].items():

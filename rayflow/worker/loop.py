@@ -22,6 +22,7 @@ from rayflow.data.pipeline import iter_torch_batches
 from rayflow.evaluation.generate import generate_samples
 from rayflow.evaluation.grid import SAMPLES_FILE, save_image_grid
 from rayflow.evaluation.metrics import load_reference, metrics_against, with_caption_consistency
+from rayflow.malloc import keep_freed_memory
 from rayflow.models import save_state_dict
 from rayflow.worker.state import TrainState, build_state
 
@@ -135,6 +136,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if job.resources.torch_threads:
         torch.set_num_threads(job.resources.torch_threads)
+    if job.resources.keep_freed_memory:
+        keep_freed_memory()
     device = ray.train.torch.get_device()
     # Initial weights from the run's seed, not torch's per-process random one: two runs of a job start alike, so an
     # interrupted run can be checked against an uninterrupted one. (DDP gives every rank rank 0's weights.)
@@ -151,7 +154,7 @@ def train_loop_per_worker(config: dict) -> dict:
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
+    count, wait, busy, cpu, t_last = 0, 0.0, 0.0, 0.0, time.perf_counter()
     last_report = c.images_seen // job.run.report_every_images
     last_ckpt = c.images_seen // job.run.checkpoint_every_images
     every_eval = job.run.eval_every_images if spec.eval_reference else 0
@@ -171,7 +174,9 @@ def train_loop_per_worker(config: dict) -> dict:
             wait += t1 - t0
             ledger.add(x, slot=c.updates * world + rank)
             g = torch.Generator(device=device).manual_seed(_seed(job.run.seed, rank, c.updates))
+            cpu0 = time.thread_time()
             metrics = state.step(c.updates, x, label, g)  # low precision, if any, only inside network forwards
+            cpu += time.thread_time() - cpu0
             for k, v in metrics.items():
                 if not math.isfinite(v):
                     raise FloatingPointError(
@@ -202,6 +207,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     epoch=c.epoch,
                     images_per_s=count * job.data.batch_size / max(now - t_last, 1e-9),
                     data_wait_share=wait / max(wait + busy, 1e-9),
+                    # this thread's CPU time over the steps' wall time: < 1 when the step waits for a core or the GIL
+                    step_cpu_share=cpu / max(busy, 1e-9),
                     lr=state.lr,
                 )
                 grid = None
@@ -218,7 +225,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 last_ckpt = c.images_seen // job.run.checkpoint_every_images if ckpt_due else last_ckpt
                 sums.clear()
                 counts.clear()
-                count, wait, busy, t_last = 0, 0.0, 0.0, time.perf_counter()
+                count, wait, busy, cpu, t_last = 0, 0.0, 0.0, 0.0, time.perf_counter()
                 t0 = t_last
             state.step_schedules()  # after the report: its `lr` is the rate the reported updates used
             if done:
