@@ -16,9 +16,11 @@ is the noise floor of the metrics, and the table gives every row's SW2 and momen
     python benchmarks/gmm_quality.py --spec benchmarks/specs/ring2d.json --teacher-only --teacher-steps 256 --seeds 0,1
 
 --teacher-only trains the teacher and scores only the truth, exact and teacher ancestral rows (sizing the
-teacher). --seeds repeats everything (training data, reference, teacher, students, sampling noise) per seed
-and adds mean ± std per row. --out DIR writes results.json and samples/<method>_<k>.npy ([N, D]; with several
-seeds samples/seed<s>/<method>_<k>.npy) so anyone can recompute the metrics.
+teacher). A spec may carry its own teacher sizing ("teacher": {"width": 512, ...}, keys in TEACHER_KEYS): it
+replaces the flags' defaults, and flags given on the command line override it. --seeds repeats everything
+(training data, reference, teacher, students, sampling noise) per seed and adds mean ± std per row. --out DIR
+writes results.json and samples/<method>_<k>.npy ([N, D]; with several seeds samples/seed<s>/<method>_<k>.npy)
+so anyone can recompute the metrics.
 Prints one JSON line per row, then a markdown table.
 """
 
@@ -47,7 +49,21 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+# Teacher flags a spec may set for itself ({"teacher": {"width": 512, ...}}); the command line still wins.
+TEACHER_KEYS = ("width", "depth", "teacher_iters", "teacher_lr")
+
+
+def spec_teacher_defaults(spec: str | Path) -> dict:
+    """The spec's optional "teacher" sizing (keys from TEACHER_KEYS), {} when it has none."""
+    teacher = json.loads(Path(spec).read_text()).get("teacher", {})
+    unknown = sorted(set(teacher) - set(TEACHER_KEYS))
+    if unknown:
+        raise ValueError(f"{spec}: unknown teacher keys {unknown}; choose from {list(TEACHER_KEYS)}")
+    return teacher
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with the spec's "teacher" sizing as defaults: a flag given on the command line overrides it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=str(HERE / "specs" / "gmm2d.json"), help="mixture JSON spec")
     p.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="student step counts k")
@@ -73,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds: repeat the whole run per seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small MLPs)")
     p.add_argument("--out", default=None, help="write results.json and samples/ here")
+    p.set_defaults(**spec_teacher_defaults(p.parse_known_args(argv)[0].spec))
     return p.parse_args(argv)
 
 

@@ -1,10 +1,10 @@
 """What moves the k-step student on Gaussian mixtures: one distillation knob at a time, several seeds (CPU).
 
 Per spec and seed: the data, the reference sample and the teacher are those of `gmm_quality.py` at its defaults
-(same sizing flags, same seeds); the teacher's 256-step ancestral sampler and k-step DDIM are scored, then one
-student per variant below (each changes one knob of the baseline) is distilled at each k and scored. Each
-student's component-wise moment error and SW2 are divided by the same seed's 256-step teacher (and, for
-`--ddim-ratio`, by k-step DDIM), then averaged over seeds: mean ± std.
+(same sizing flags, a spec's own "teacher" sizing included, same seeds); the teacher's 256-step ancestral sampler
+and k-step DDIM are scored, then one student per variant below (each changes one knob of the baseline) is
+distilled at each k and scored. Each student's component-wise moment error and SW2 are divided by the same
+seed's 256-step teacher (and, for `--ddim-ratio`, by k-step DDIM), then averaged over seeds: mean ± std.
 
     python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
     python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
@@ -86,7 +86,8 @@ def distill_kwargs(base: argparse.Namespace, variant: dict) -> dict:
 
 
 def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
-    base = gmm_quality.parse_args(shlex.split(args.base_args))  # the benchmark's teacher and baseline
+    # the benchmark's teacher (with the spec's own sizing, if it has one) and baseline
+    base = gmm_quality.parse_args(["--spec", spec_path(spec), *shlex.split(args.base_args)])
     gm = GaussianMixture.from_json(spec_path(spec))
     schedule = CosineSchedule()
     g = torch.Generator().manual_seed(seed)
@@ -115,7 +116,9 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
 def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> lab.TeacherResult:
     """The benchmark's teacher for (spec, sizing flags, seed), trained once and cached in --out (it is the
     expensive part: a study varies the distillation, not the teacher)."""
-    key = hashlib.sha256(repr((spec, args.base_args, seed)).encode()).hexdigest()[:16]
+    sized = gmm_quality.spec_teacher_defaults(spec_path(spec))  # in the key only if set: older caches stay valid
+    key = hashlib.sha256(repr((spec, args.base_args, seed, *([sorted(sized.items())] if sized else []))).encode())
+    key = key.hexdigest()[:16]
     path = Path(args.out) / f"teacher-{spec}-{key}.pt" if args.out else None
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)

@@ -1,6 +1,7 @@
 """Regenerate the generated mixture specs (ring2d.json, gmm64d.json) bit for bit: python benchmarks/specs/make_specs.py
 
-gmm2d.json was written by hand and gmm16d.json by an earlier script (see its _comment).
+gmm2d.json was written by hand and gmm16d.json by an earlier script (see its _comment). An optional "teacher" entry
+sizes gmm_quality.py's teacher for that spec (its flag names, e.g. {"teacher_iters": 18000}); flags override it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def gmm64d(d: int = 64, k: int = 12, mean_scale: float = 0.5, var_range=(0.002, 
                f"with random rotations Q and s log-uniform in [{var_range[0]}, {var_range[1]}]; weights "
                f"Dirichlet(2) floored at 0.03, renormalised, sorted; benchmarks/specs/make_specs.py gmm64d(), numpy "
                f"default_rng({seed})")
-    return {"_comment": comment, "weights": w.tolist(), "means": _r(means, 4), "covs": _r(covs, 6)}
+    # gmm_quality.py's teacher for this spec: 3x the default updates (README: teacher sizing; 6,000 left teacher-256
+    # at 2.4x the truth's moment error, 18,000 at 1.4x)
+    teacher = {"teacher_iters": 18000}
+    return {"_comment": comment, "teacher": teacher, "weights": w.tolist(), "means": _r(means, 4), "covs": _r(covs, 6)}
 
 
 def main(out: Path = HERE) -> None:

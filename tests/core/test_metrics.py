@@ -160,3 +160,26 @@ def test_shipped_benchmark_specs_load_and_the_generated_ones_regenerate(tmp_path
     make_specs.main(tmp_path)
     for name in ("ring2d", "gmm64d"):
         assert (tmp_path / f"{name}.json").read_bytes() == (specs / f"{name}.json").read_bytes(), name
+
+
+def test_a_spec_sizes_its_own_benchmark_teacher_and_flags_override_it(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    mod_spec = importlib.util.spec_from_file_location("gmm_quality", bench / "gmm_quality.py")
+    gmm_quality = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(gmm_quality)
+    plain = gmm_quality.parse_args(["--spec", str(bench / "specs" / "gmm2d.json")])
+    spec = json.loads((bench / "specs" / "gmm2d.json").read_text())
+    (tmp_path / "sized.json").write_text(json.dumps({**spec, "teacher": {"width": 64, "teacher_iters": 10}}))
+    sized = gmm_quality.parse_args(["--spec", str(tmp_path / "sized.json")])
+    assert (sized.width, sized.teacher_iters, sized.depth) == (64, 10, plain.depth)
+    flagged = gmm_quality.parse_args(["--width", "32", "--spec", str(tmp_path / "sized.json")])
+    assert (flagged.width, flagged.teacher_iters) == (32, 10)
+    (tmp_path / "bad.json").write_text(json.dumps({**spec, "teacher": {"widht": 64}}))
+    with pytest.raises(ValueError, match="widht"):
+        gmm_quality.parse_args(["--spec", str(tmp_path / "bad.json")])
+    for path in (bench / "specs").glob("*.json"):  # every shipped spec's sizing is valid
+        gmm_quality.parse_args(["--spec", str(path)])
