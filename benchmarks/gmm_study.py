@@ -9,7 +9,10 @@ student's component-wise moment error and SW2 are divided by the same seed's 256
     python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
     python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
 
-Prints one JSON line per scored row, then a markdown table per spec and k; --out writes rows.jsonl.
+Prints one JSON line per scored row, then a markdown table per spec and k; --out appends to rows.jsonl.
+--summarize prints the tables of every row in --out's rows.jsonl instead (all invocations, e.g. the variants
+run in parallel or on different days; a row scored again replaces the earlier one) and runs nothing.
+Student rows carry their algorithm; a parameter-space student shows as `<variant> [parameter_space]`.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: a teacher per seed, as gmm_quality.py)")
     p.add_argument("--base-args", default="", help="gmm_quality.py flags for the teacher and the baseline, "
                    "e.g. '--distill-iters 2400 --teacher-iters 6000' (default: its defaults)")
-    p.add_argument("--out", default=None, help="write rows.jsonl here")
+    p.add_argument("--out", default=None, help="append rows to rows.jsonl here (and cache the teacher)")
+    p.add_argument("--summarize", action="store_true", help="tabulate --out's rows.jsonl; run nothing")
     return p.parse_args(argv)
 
 
@@ -109,7 +113,7 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
             t0 = time.perf_counter()
             student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
                                   **distill_kwargs(base, VARIANTS[name]))
-            score(name, k, student, "student", train_s=round(time.perf_counter() - t0, 1))
+            score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1))
 
 
 def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> lab.TeacherResult:
@@ -133,14 +137,22 @@ def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> 
     return teacher
 
 
+def label(row: dict) -> str:
+    """The row's method, with its algorithm unless alternating (rows before the algorithm was recorded were)."""
+    algorithm = row.get("algorithm", "alternating")
+    return row["method"] if algorithm == "alternating" else f"{row['method']} [{algorithm}]"
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256 and DDIM-k."""
+    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256 and DDIM-k.
+    Of rows with the same spec, seed, k and method the last counts (a rerun replaces the earlier score)."""
+    rows = list({(r["spec"], r["seed"], r["k"], label(r)): r for r in rows}.values())
     ref = {(r["spec"], r["seed"]): r for r in rows if r["method"] == "teacher_256"}
     ddim = {(r["spec"], r["seed"], r["k"]): r for r in rows if r["method"] == "ddim"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] != "teacher_256":
-            groups.setdefault((r["spec"], r["k"], r["method"]), []).append(r)
+            groups.setdefault((r["spec"], r["k"], label(r)), []).append(r)
     out = []
     for (spec, k, method), rs in groups.items():
         row = {"spec": spec, "k": k, "method": method, "seeds": len(rs)}
@@ -168,6 +180,13 @@ def markdown(summary: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.summarize:
+        if not args.out:
+            raise SystemExit("--summarize reads --out's rows.jsonl")
+        lines = (Path(args.out) / "rows.jsonl").read_text().splitlines()
+        summary = summarize([json.loads(line) for line in lines if line.strip()])
+        print(markdown(summary))
+        return summary
     torch.set_num_threads(args.threads)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
