@@ -3,13 +3,14 @@
 Per spec and seed: the data, the reference sample and the teacher are those of `gmm_quality.py` at its defaults
 (same sizing flags, same seeds); the teacher's 256-step ancestral sampler and k-step DDIM are scored, then one
 student per variant below (each changes one knob of the baseline) is distilled at each k and scored. Each
-student's component-wise moment error and SW2 are divided by the same seed's 256-step teacher (and, for
-`--ddim-ratio`, by k-step DDIM), then averaged over seeds: mean ± std.
+student's component-wise moment error and SW2 are divided by the same seed's 256-step teacher (and by its k-step
+DDIM), then averaged over seeds: mean ± std.
 
     python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
     python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
 
-Prints one JSON line per scored row, then a markdown table per spec and k; --out appends to rows.jsonl.
+Prints one JSON line per scored row, then a markdown table per spec and k; --out appends to rows.jsonl (and
+caches the teacher and its 256-step score there: each costs minutes, and a study varies neither).
 --summarize prints the tables of every row in --out's rows.jsonl instead (all invocations, e.g. the variants
 run in parallel or on different days; a row scored again replaces the earlier one) and runs nothing.
 Student rows carry their algorithm; a parameter-space student shows as `<variant> [parameter_space]`.
@@ -105,8 +106,17 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
         return row
 
     t0 = time.perf_counter()
-    teacher = _teacher(args, base, spec, data, schedule, seed if args.teacher_seed is None else args.teacher_seed)
-    score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
+    teacher_seed = seed if args.teacher_seed is None else args.teacher_seed
+    teacher = _teacher(args, base, spec, data, schedule, teacher_seed)
+    # The teacher's 256-step score costs about a distillation: cached beside the teacher, per seed and n_eval.
+    cached = _teacher_path(args, spec, teacher_seed)
+    cached = cached and cached.with_name(f"{cached.stem}-256steps-seed{seed}-n{args.n_eval}.json")
+    if cached is not None and cached.is_file():
+        emit(json.loads(cached.read_text()))
+    else:
+        row = score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
+        if cached is not None:
+            cached.write_text(json.dumps(row))
     for k in args.k:
         score("ddim", k, teacher.denoiser, "ddim")
         for name in args.variants.split(","):
@@ -116,11 +126,15 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
             score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1))
 
 
+def _teacher_path(args, spec: str, seed: int) -> Path | None:
+    key = hashlib.sha256(repr((spec, args.base_args, seed)).encode()).hexdigest()[:16]
+    return Path(args.out) / f"teacher-{spec}-{key}.pt" if args.out else None
+
+
 def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> lab.TeacherResult:
     """The benchmark's teacher for (spec, sizing flags, seed), trained once and cached in --out (it is the
     expensive part: a study varies the distillation, not the teacher)."""
-    key = hashlib.sha256(repr((spec, args.base_args, seed)).encode()).hexdigest()[:16]
-    path = Path(args.out) / f"teacher-{spec}-{key}.pt" if args.out else None
+    path = _teacher_path(args, spec, seed)
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         den = Denoiser(build_net("mlp", dim=data.shape[1], width=base.width, depth=base.depth), schedule, "v")
@@ -169,12 +183,14 @@ def markdown(summary: list[dict]) -> str:
     lines = []
     for spec, k in sorted({(r["spec"], r["k"]) for r in summary}):
         lines += [f"\n{spec}, k = {k} (mean ± std over seeds; < 1 is better than the reference)\n",
-                  "| variant | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k | SW2 / DDIM-k |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| variant | seeds | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k "
+                  "| SW2 / DDIM-k |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in [r for r in summary if r["spec"] == spec and r["k"] == k]:
-            cells = [f"{m:.2f} ± {s:.2f}" for m, s in (r["moment_err_vs_teacher"], r["sw2_vs_teacher"],
-                                                        r["moment_err_vs_ddim"], r["sw2_vs_ddim"])]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+            cells = [f"{m:.2f} ± {s:.2f}" if r["seeds"] > 1 else f"{m:.2f}"  # one seed: no spread to show
+                     for m, s in (r["moment_err_vs_teacher"], r["sw2_vs_teacher"], r["moment_err_vs_ddim"],
+                                  r["sw2_vs_ddim"])]
+            lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
