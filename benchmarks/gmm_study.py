@@ -4,7 +4,7 @@ Per spec and seed: the data, the reference sample and the teacher are those of `
 (same sizing flags, same seeds); the teacher's 256-step ancestral sampler and k-step DDIM are scored, then one
 student per variant below (each changes one knob of the baseline) is distilled at each k and scored. Each
 student's component-wise moment error and SW2 are divided by the same seed's 256-step teacher (and by its k-step
-DDIM), then averaged over seeds: mean ± std.
+DDIM, and by the same seed's alternating baseline student: a paired ratio), then averaged over seeds: mean ± std.
 
     python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
     python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
@@ -158,11 +158,13 @@ def label(row: dict) -> str:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256 and DDIM-k.
+    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256, DDIM-k and
+    alternating baseline student (paired: same data, noise and sampling seeds, so tighter than the seed spread).
     Of rows with the same spec, seed, k and method the last counts (a rerun replaces the earlier score)."""
     rows = list({(r["spec"], r["seed"], r["k"], label(r)): r for r in rows}.values())
     ref = {(r["spec"], r["seed"]): r for r in rows if r["method"] == "teacher_256"}
     ddim = {(r["spec"], r["seed"], r["k"]): r for r in rows if r["method"] == "ddim"}
+    baseline = {(r["spec"], r["seed"], r["k"]): r for r in rows if label(r) == "baseline"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] != "teacher_256":
@@ -171,10 +173,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (spec, k, method), rs in groups.items():
         row = {"spec": spec, "k": k, "method": method, "seeds": len(rs)}
         for metric in ("moment_err", "sw2"):
-            for name, base in (("teacher", ref), ("ddim", ddim)):
-                vals = [r[metric] / base[(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k)][metric]
-                        for r in rs]
-                row[f"{metric}_vs_{name}"] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            for name, base in (("teacher", ref), ("ddim", ddim), ("baseline", baseline)):
+                keys = [(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k) for r in rs]
+                vals = [r[metric] / base[key][metric] for r, key in zip(rs, keys) if key in base]
+                if vals:
+                    spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                    row[f"{metric}_vs_{name}"] = (statistics.fmean(vals), spread)
         out.append(row)
     return out
 
@@ -184,12 +188,12 @@ def markdown(summary: list[dict]) -> str:
     for spec, k in sorted({(r["spec"], r["k"]) for r in summary}):
         lines += [f"\n{spec}, k = {k} (mean ± std over seeds; < 1 is better than the reference)\n",
                   "| variant | seeds | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k "
-                  "| SW2 / DDIM-k |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| SW2 / DDIM-k | moment err / baseline | SW2 / baseline |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in [r for r in summary if r["spec"] == spec and r["k"] == k]:
-            cells = [f"{m:.2f} ± {s:.2f}" if r["seeds"] > 1 else f"{m:.2f}"  # one seed: no spread to show
-                     for m, s in (r["moment_err_vs_teacher"], r["sw2_vs_teacher"], r["moment_err_vs_ddim"],
-                                  r["sw2_vs_ddim"])]
+            cells = [("" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}" if r["seeds"] > 1 else f"{ms[0]:.2f}")
+                     for ms in (r.get(f"{m}_vs_{b}") for b in ("teacher", "ddim", "baseline")
+                                for m in ("moment_err", "sw2"))]
             lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
