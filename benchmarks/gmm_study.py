@@ -2,14 +2,19 @@
 
 Per spec and seed: the data, the reference sample and the teacher are those of `gmm_quality.py` at its defaults
 (same sizing flags, a spec's own "teacher" sizing included, same seeds); the teacher's 256-step ancestral sampler
-and k-step DDIM are scored, then one student per variant below (each changes one knob of the baseline) is
-distilled at each k and scored. Each student's component-wise moment error and SW2 are divided by the same
-seed's 256-step teacher (and, for `--ddim-ratio`, by k-step DDIM), then averaged over seeds: mean ± std.
+and k-step DDIM are scored, then one student per variant below (each changes one knob of the baseline) is distilled
+at each k and scored. Each student's component-wise moment error and SW2 are divided by the same seed's 256-step
+teacher (and by its k-step DDIM, and by the same seed's alternating baseline student: a paired ratio), then
+averaged over seeds: mean ± std.
 
     python benchmarks/gmm_study.py --specs gmm2d,gmm16d --seeds 0,1,2 --k 8 --out runs/study
     python benchmarks/gmm_study.py --variants baseline,uniform_s,no_ema --k 4,8
 
-Prints one JSON line per scored row, then a markdown table per spec and k; --out writes rows.jsonl.
+Prints one JSON line per scored row, then a markdown table per spec and k; --out appends to rows.jsonl (and
+caches the teacher and its 256-step score there: each costs minutes, and a study varies neither).
+--summarize prints the tables of every row in --out's rows.jsonl instead (all invocations, e.g. the variants
+run in parallel or on different days; a row scored again replaces the earlier one) and runs nothing.
+Student rows carry their algorithm; a parameter-space student shows as `<variant> [parameter_space]`.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: a teacher per seed, as gmm_quality.py)")
     p.add_argument("--base-args", default="", help="gmm_quality.py flags for the teacher and the baseline, "
                    "e.g. '--distill-iters 2400 --teacher-iters 6000' (default: its defaults)")
-    p.add_argument("--out", default=None, help="write rows.jsonl here")
+    p.add_argument("--out", default=None, help="append rows to rows.jsonl here (and cache the teacher)")
+    p.add_argument("--summarize", action="store_true", help="tabulate --out's rows.jsonl; run nothing")
     return p.parse_args(argv)
 
 
@@ -102,24 +108,36 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
         return row
 
     t0 = time.perf_counter()
-    teacher = _teacher(args, base, spec, data, schedule, seed if args.teacher_seed is None else args.teacher_seed)
-    score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
+    teacher_seed = seed if args.teacher_seed is None else args.teacher_seed
+    teacher = _teacher(args, base, spec, data, schedule, teacher_seed)
+    # The teacher's 256-step score costs about a distillation: cached beside the teacher, per seed and n_eval.
+    cached = _teacher_path(args, spec, teacher_seed)
+    cached = cached and cached.with_name(f"{cached.stem}-256steps-seed{seed}-n{args.n_eval}.json")
+    if cached is not None and cached.is_file():
+        emit(json.loads(cached.read_text()))
+    else:
+        row = score("teacher_256", 256, teacher.denoiser, "ancestral", train_s=round(time.perf_counter() - t0, 1))
+        if cached is not None:
+            cached.write_text(json.dumps(row))
     for k in args.k:
         score("ddim", k, teacher.denoiser, "ddim")
         for name in args.variants.split(","):
             t0 = time.perf_counter()
             student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
                                   **distill_kwargs(base, VARIANTS[name]))
-            score(name, k, student, "student", train_s=round(time.perf_counter() - t0, 1))
+            score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1))
+
+
+def _teacher_path(args, spec: str, seed: int) -> Path | None:
+    sized = gmm_quality.spec_teacher_defaults(spec_path(spec))  # in the key only if set: older caches stay valid
+    key = hashlib.sha256(repr((spec, args.base_args, seed, *([sorted(sized.items())] if sized else []))).encode())
+    return Path(args.out) / f"teacher-{spec}-{key.hexdigest()[:16]}.pt" if args.out else None
 
 
 def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> lab.TeacherResult:
     """The benchmark's teacher for (spec, sizing flags, seed), trained once and cached in --out (it is the
     expensive part: a study varies the distillation, not the teacher)."""
-    sized = gmm_quality.spec_teacher_defaults(spec_path(spec))  # in the key only if set: older caches stay valid
-    key = hashlib.sha256(repr((spec, args.base_args, seed, *([sorted(sized.items())] if sized else []))).encode())
-    key = key.hexdigest()[:16]
-    path = Path(args.out) / f"teacher-{spec}-{key}.pt" if args.out else None
+    path = _teacher_path(args, spec, seed)
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         den = Denoiser(build_net("mlp", dim=data.shape[1], width=base.width, depth=base.depth), schedule, "v")
@@ -136,22 +154,34 @@ def _teacher(args, base, spec: str, data: torch.Tensor, schedule, seed: int) -> 
     return teacher
 
 
+def label(row: dict) -> str:
+    """The row's method, with its algorithm unless alternating (rows before the algorithm was recorded were)."""
+    algorithm = row.get("algorithm", "alternating")
+    return row["method"] if algorithm == "alternating" else f"{row['method']} [{algorithm}]"
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256 and DDIM-k."""
+    """Per spec, k and method: mean ± std over seeds of the ratios to the same seed's teacher-256, DDIM-k and
+    alternating baseline student (paired: same data, noise and sampling seeds, so tighter than the seed spread).
+    Of rows with the same spec, seed, k and method the last counts (a rerun replaces the earlier score)."""
+    rows = list({(r["spec"], r["seed"], r["k"], label(r)): r for r in rows}.values())
     ref = {(r["spec"], r["seed"]): r for r in rows if r["method"] == "teacher_256"}
     ddim = {(r["spec"], r["seed"], r["k"]): r for r in rows if r["method"] == "ddim"}
+    baseline = {(r["spec"], r["seed"], r["k"]): r for r in rows if label(r) == "baseline"}
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["method"] != "teacher_256":
-            groups.setdefault((r["spec"], r["k"], r["method"]), []).append(r)
+            groups.setdefault((r["spec"], r["k"], label(r)), []).append(r)
     out = []
     for (spec, k, method), rs in groups.items():
         row = {"spec": spec, "k": k, "method": method, "seeds": len(rs)}
         for metric in ("moment_err", "sw2"):
-            for name, base in (("teacher", ref), ("ddim", ddim)):
-                vals = [r[metric] / base[(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k)][metric]
-                        for r in rs]
-                row[f"{metric}_vs_{name}"] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            for name, base in (("teacher", ref), ("ddim", ddim), ("baseline", baseline)):
+                keys = [(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k) for r in rs]
+                vals = [r[metric] / base[key][metric] for r, key in zip(rs, keys) if key in base]
+                if vals:
+                    spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                    row[f"{metric}_vs_{name}"] = (statistics.fmean(vals), spread)
         out.append(row)
     return out
 
@@ -160,17 +190,26 @@ def markdown(summary: list[dict]) -> str:
     lines = []
     for spec, k in sorted({(r["spec"], r["k"]) for r in summary}):
         lines += [f"\n{spec}, k = {k} (mean ± std over seeds; < 1 is better than the reference)\n",
-                  "| variant | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k | SW2 / DDIM-k |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| variant | seeds | moment err / teacher-256 | SW2 / teacher-256 | moment err / DDIM-k "
+                  "| SW2 / DDIM-k | moment err / baseline | SW2 / baseline |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in [r for r in summary if r["spec"] == spec and r["k"] == k]:
-            cells = [f"{m:.2f} ± {s:.2f}" for m, s in (r["moment_err_vs_teacher"], r["sw2_vs_teacher"],
-                                                        r["moment_err_vs_ddim"], r["sw2_vs_ddim"])]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+            cells = [("" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}" if r["seeds"] > 1 else f"{ms[0]:.2f}")
+                     for ms in (r.get(f"{m}_vs_{b}") for b in ("teacher", "ddim", "baseline")
+                                for m in ("moment_err", "sw2"))]
+            lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.summarize:
+        if not args.out:
+            raise SystemExit("--summarize reads --out's rows.jsonl")
+        lines = (Path(args.out) / "rows.jsonl").read_text().splitlines()
+        summary = summarize([json.loads(line) for line in lines if line.strip()])
+        print(markdown(summary))
+        return summary
     torch.set_num_threads(args.threads)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
