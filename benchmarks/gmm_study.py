@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict] = {
     "weight_one": {"weighting": "one"},
     "updates_x4": {"updates_scale": 4},
     "batch_x4": {"batch_scale": 4},
+    "aux_x2": {"aux_per_student": 2},  # two aux updates per student update (same total updates)
 }
 
 

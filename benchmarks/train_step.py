@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="untimed in-process updates per method")
     parser.add_argument("--report-every", type=int, default=10, help="updates per Ray Train report window")
     parser.add_argument("--out", help="also write all records to this JSON file")
+    parser.add_argument("--skip-ray", action="store_true", help="only the in-process part (1) and the pass costs (3)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default malloc settings in both loops (resources.keep_freed_memory=false)")
     args = parser.parse_args(argv)
@@ -312,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             emit({**s, **common})
         costs = pass_costs(args, tmp, args.plain_updates)
         emit({**costs, **common})
-        ray_result = ray_fit(args, teacher_path, os.path.join(tmp, "runs"))
-        emit({**ray_result, **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
-        after = plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"]
-        emit({**after, "measure": "plain_step_after_ray", **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
+        if not args.skip_ray:
+            ray_result = ray_fit(args, teacher_path, os.path.join(tmp, "runs"))
+            emit({**ray_result, **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
+            after = plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"]
+            emit({**after, "measure": "plain_step_after_ray", **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
 
     teacher_s = plain["teacher"]["s_per_update"]
     alt_s = plain["alternating"]["s_per_update"]
@@ -341,24 +343,26 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(plain["parameter_space"]["s_per_update"] / teacher_s, 3),
         }
     )
-    plain_alt = (alt_s * plain["alternating"]["updates"] + after["s_per_update"] * after["updates"]) / (
-        plain["alternating"]["updates"] + after["updates"]
-    )
-    bests = [r["best_window_s"] for r in (plain["alternating"], after) if r["best_window_s"]]
-    plain_best = min(bests) if bests else None
-    emit(
-        {
-            "bench": BENCH,
-            "metric": "ray_worker_over_plain_loop",
-            "plain_s_per_update": round(plain_alt, 4),
-            "ratio": round(ray_result["s_per_update"] / plain_alt, 3),
-            "compute_only_ratio": round(ray_result["compute_only_s_per_update"] / plain_alt, 3),
-            # CPU seconds of the step itself: ~1 means the worker computes the same; the rest of the wall-time
-            # ratio is the step waiting (for a core, or for the GIL held by the worker's other threads)
-            "cpu_ratio": round(ray_result["cpu_s_per_update"] / after["cpu_s_per_update"], 3),
-            "best_window_ratio": round(ray_result["best_window_s_per_update"] / plain_best, 3) if plain_best else None,
-        }
-    )
+    if not args.skip_ray:
+        plain_alt = (alt_s * plain["alternating"]["updates"] + after["s_per_update"] * after["updates"]) / (
+            plain["alternating"]["updates"] + after["updates"]
+        )
+        bests = [r["best_window_s"] for r in (plain["alternating"], after) if r["best_window_s"]]
+        plain_best = min(bests) if bests else None
+        emit(
+            {
+                "bench": BENCH,
+                "metric": "ray_worker_over_plain_loop",
+                "plain_s_per_update": round(plain_alt, 4),
+                "ratio": round(ray_result["s_per_update"] / plain_alt, 3),
+                "compute_only_ratio": round(ray_result["compute_only_s_per_update"] / plain_alt, 3),
+                # CPU seconds of the step itself: ~1 means the worker computes the same; the rest of the wall-time
+                # ratio is the step waiting (for a core, or for the GIL held by the worker's other threads)
+                "cpu_ratio": round(ray_result["cpu_s_per_update"] / after["cpu_s_per_update"], 3),
+                "best_window_ratio": (round(ray_result["best_window_s_per_update"] / plain_best, 3)
+                                      if plain_best else None),
+            }
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "records": records}, f, indent=1)
