@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "updates_x4": {"updates_scale": 4},
     "batch_x4": {"batch_scale": 4},
     "aux_x2": {"aux_per_student": 2},  # two aux updates per student update (same total updates)
+    "aux_x2_updates_x1.5": {"aux_per_student": 2, "updates_scale": 1.5},  # as many student updates as baseline
 }
 
 
@@ -87,7 +88,7 @@ def distill_kwargs(base: argparse.Namespace, variant: dict) -> dict:
     """lab.distill keywords of a variant, from gmm_quality's defaults."""
     v = dict(variant)
     lr_scale, updates, batch = v.pop("lr_scale", 1.0), v.pop("updates_scale", 1), v.pop("batch_scale", 1)
-    return {"train_steps": base.distill_iters * updates, "batch": base.batch * batch,
+    return {"train_steps": round(base.distill_iters * updates), "batch": base.batch * batch,
             "lr_student": base.lr_student * lr_scale, "lr_ratio": base.lr_ratio, "weighting": base.weighting,
             "s_sampling": base.s_sampling, **v}
 
