@@ -7,6 +7,7 @@ The source scans use the AST, so a call split over lines or written with another
 from __future__ import annotations
 
 import ast
+import functools
 import gc
 import re
 import socket
@@ -36,6 +37,7 @@ ALL_INTERFACES = ".".join(["0"] * 4)
 
 
 def _sources(*roots: Path) -> list[Path]:
+    gc.collect()  # once per scan (see _parse): pending finalizers of Ray and torch objects run now, not mid-parse
     return sorted(p for root in roots for p in root.rglob("*.py") if "__pycache__" not in p.parts)
 
 
@@ -68,11 +70,12 @@ def _keyword(call: ast.Call, name: str) -> Any:
     return None
 
 
+@functools.cache
 def _parse(path: Path) -> ast.Module:
     # With the garbage collector paused: CPython 3.11.7's AST validation raised "SystemError: AST constructor
     # recursion depth mismatch" late in a full test session, when a collection (running finalizers of Ray and torch
-    # objects) moved the recursion counter mid-parse. Alone, the same files parse fine.
-    gc.collect()
+    # objects) moved the recursion counter mid-parse. Alone, the same files parse fine. (`_sources` collects once
+    # per scan: late in a session a full collection walks a large heap, and one per file took minutes.)
     gc.disable()
     try:
         return ast.parse(path.read_text(), filename=str(path))
