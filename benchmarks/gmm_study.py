@@ -15,6 +15,10 @@ caches the teacher and its 256-step score there: each costs minutes, and a study
 --summarize prints the tables of every row in --out's rows.jsonl instead (all invocations, e.g. the variants
 run in parallel or on different days; a row scored again replaces the earlier one) and runs nothing.
 Student rows carry their algorithm; a parameter-space student shows as `<variant> [parameter_space]`.
+The `*select` variants keep the student's EMA with the lowest proxy (SW2 of --n-proxy k-step samples against a
+held-out true draw, every --select-every updates and at the end; `ProxySW2`); their rows carry the proxy
+`curve` [(update, SW2)], `curve_moment` [(update, moment error of the same samples)] and `selected_update`, and
+the tables list the selected update per seed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from rayflow import lab
 from rayflow.core.diffusion import Denoiser
 from rayflow.core.gaussian_mixture import GaussianMixture
-from rayflow.core.metrics import mixture_metrics
+from rayflow.core.metrics import component_moment_errors, mixture_metrics, sliced_wasserstein2
 from rayflow.core.samplers import sample
 from rayflow.core.schedule import CosineSchedule
 from rayflow.core.steps import freeze
@@ -59,6 +63,10 @@ VARIANTS: dict[str, dict] = {
     "aux_x2": {"aux_per_student": 2},  # two aux updates per student update (same total updates)
     "aux_x2_updates_x1.5": {"aux_per_student": 2, "updates_scale": 1.5},  # as many student updates as baseline
 }
+# Best-checkpoint selection on top of a variant: the student's EMA with the lowest proxy SW2 (`ProxySW2`) seen
+# every --select-every updates, not the last one. "select" is the baseline's.
+VARIANTS |= {("select" if v == "baseline" else f"{v}_select"): {**VARIANTS[v], "select": True}
+             for v in ("baseline", "aux_x2", "updates_x4")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--algorithm", default="alternating")
     p.add_argument("--n-eval", type=int, default=10_000)
+    p.add_argument("--n-proxy", type=int, default=5000,
+                   help="select variants: student samples (and held-out true samples) per proxy SW2, <= --n-eval")
+    p.add_argument("--select-every", type=int, default=100, help="select variants: updates between proxy scores")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--teacher-seed", type=int, default=None,
                    help="train one teacher with this seed and vary only the distillation and sampling seeds "
@@ -86,7 +97,7 @@ def spec_path(name: str) -> str:
 
 def distill_kwargs(base: argparse.Namespace, variant: dict) -> dict:
     """lab.distill keywords of a variant, from gmm_quality's defaults."""
-    v = dict(variant)
+    v = {key: value for key, value in variant.items() if key != "select"}  # selection is run_spec_seed's
     lr_scale, updates, batch = v.pop("lr_scale", 1.0), v.pop("updates_scale", 1), v.pop("batch_scale", 1)
     return {"train_steps": round(base.distill_iters * updates), "batch": base.batch * batch,
             "lr_student": base.lr_student * lr_scale, "lr_ratio": base.lr_ratio, "weighting": base.weighting,
@@ -101,6 +112,7 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
     g = torch.Generator().manual_seed(seed)
     data, _ = gm.sample(base.n_train, generator=g)
     reference, _ = gm.sample(args.n_eval, generator=g)
+    held_out, _ = gm.sample(args.n_proxy, generator=g)  # the select variants' proxy target, not the reference
 
     def score(method: str, k: int, den, sampler: str, **extra) -> dict:
         x = sample(sampler, den, (args.n_eval, gm.dim), k, schedule, generator=torch.Generator().manual_seed(seed + 1))
@@ -125,9 +137,34 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
         score("ddim", k, teacher.denoiser, "ddim")
         for name in args.variants.split(","):
             t0 = time.perf_counter()
+            selecting = VARIANTS[name].get("select", False)
+            proxy = ProxySW2(gm, held_out, k, schedule, seed) if selecting else None
+            selection = lab.Selection(proxy, args.select_every) if selecting else None
             student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
-                                  **distill_kwargs(base, VARIANTS[name]))
-            score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1))
+                                  select=selection, **distill_kwargs(base, VARIANTS[name]))
+            extra = {} if selection is None else {
+                "curve": selection.curve, "selected_update": selection.selected_update,
+                "curve_moment": [(u, m) for (u, _), m in zip(selection.curve, proxy.moment_errors)]}
+            score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1),
+                  **extra)
+
+
+class ProxySW2:
+    """The select variants' in-training proxy: SW2 between the k-step student's samples and a held-out true draw
+    (not the evaluation reference, so selection does not fit the score it is judged by). The noise and the
+    projections are fixed per seed, so the curve compares checkpoints, not draws. On the side it records the same
+    samples' component-wise moment error against the exact mixture (`moment_errors`, in proxy order: does the
+    proxy track the moment metric?); selection never reads it."""
+
+    def __init__(self, gm: GaussianMixture, held_out: torch.Tensor, k: int, schedule, seed: int):
+        self.gm, self.held_out, self.k, self.schedule, self.seed = gm, held_out, k, schedule, seed
+        self.moment_errors: list[float] = []
+
+    def __call__(self, student) -> float:
+        x = sample("student", student, tuple(self.held_out.shape), self.k, self.schedule,
+                   generator=torch.Generator().manual_seed(10_000 + self.seed)).double()
+        self.moment_errors.append(component_moment_errors(self.gm, x)["moment_err"])
+        return sliced_wasserstein2(x, self.held_out, generator=torch.Generator().manual_seed(self.seed))
 
 
 def _teacher_path(args, spec: str, seed: int) -> Path | None:
@@ -177,6 +214,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (spec, k, method), rs in groups.items():
         row = {"spec": spec, "k": k, "method": method, "seeds": len(rs)}
+        if any("selected_update" in r for r in rs):  # per seed: (selected update, last update scored)
+            row["selected"] = {r["seed"]: (r["selected_update"], r["curve"][-1][0]) for r in rs}
         for metric in ("moment_err", "sw2"):
             for name, base in (("teacher", ref), ("ddim", ddim), ("baseline", baseline)):
                 keys = [(spec, r["seed"]) if name == "teacher" else (spec, r["seed"], k) for r in rs]
@@ -200,6 +239,9 @@ def markdown(summary: list[dict]) -> str:
                      for ms in (r.get(f"{m}_vs_{b}") for b in ("teacher", "ddim", "baseline")
                                 for m in ("moment_err", "sw2"))]
             lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        lines += [f"\n{r['method']}: selected update per seed: "
+                  + ", ".join(f"seed {s}: {u} of {n}" for s, (u, n) in sorted(r["selected"].items()))
+                  for r in summary if r["spec"] == spec and r["k"] == k and "selected" in r]
     return "\n".join(lines)
 
 
@@ -216,6 +258,10 @@ def main(argv=None) -> list[dict]:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    selecting = any(VARIANTS[v].get("select") for v in args.variants.split(","))
+    if selecting and args.n_proxy > args.n_eval:  # refused before the minutes of teacher training, not after
+        raise SystemExit(f"--n-proxy {args.n_proxy} exceeds --n-eval {args.n_eval}: the proxy would cost more "
+                         "samples than the evaluation")
     rows: list[dict] = []
     out = Path(args.out) if args.out else None
     if out:

@@ -6,7 +6,10 @@ steps (`rayflow.core.steps`) on streamed images instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +26,39 @@ class TeacherResult:
     denoiser: nn.Module  # the EMA of the trained teacher, frozen
     optimizer_state: dict  # for the parameter-space preconditioner
     param_names: list[str]
+
+
+@dataclass
+class Selection:
+    """Best-checkpoint selection for `distill`: score the student's EMA by `proxy` (lower is better) every `every`
+    updates and after the last one, and keep a copy of the best-scoring weights.
+
+    Why: the k-step student's quality is not monotone in its updates (benchmarks/README.md, the knob study), so the
+    last weights need not be the best ones. The proxy must draw any randomness from its own generators (distill's
+    stream is the training's) and must not change the module it scores. One Selection per distillation: it records
+    `curve` [(update, proxy)], the `selected_update` and its copy of the weights (`best`, the EMA module).
+    """
+
+    proxy: Callable[[nn.Module], float]
+    every: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    selected_update: int | None = None
+    best: nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Selection.every={self.every} must be an integer >= 1")
+
+    def observe(self, update: int, total: int, student: nn.Module) -> None:
+        """After `update` of `total` updates (counted from 1): score `student` if due, keep a copy if best so far."""
+        if update % self.every and update != total:
+            return
+        with torch.no_grad():
+            value = float(self.proxy(student))
+        self.curve.append((update, value))
+        best = math.inf if self.selected_update is None else dict(self.curve)[self.selected_update]
+        if self.best is None or value < best or math.isnan(best):  # a NaN proxy never beats a number
+            self.best, self.selected_update = copy.deepcopy(student), update
 
 
 def _batches(data: torch.Tensor, cond: torch.Tensor | None, batch: int, generator: torch.Generator, device=None):
@@ -102,8 +138,10 @@ def distill(
     cond: torch.Tensor | None = None,
     guided_teacher: nn.Module | None = None,
     device: torch.device | str = "cpu",
+    select: Selection | None = None,
 ) -> nn.Module:
-    """Distil a `student_steps`-step student from the teacher; returns the student's EMA, frozen.
+    """Distil a `student_steps`-step student from the teacher; returns the student's EMA, frozen (with `select`:
+    the EMA weights with the best proxy seen, see `Selection`; the training itself is the same).
 
     algorithm: 'alternating' (`aux_per_student` aux updates then a student update, lr_aux = lr_ratio * lr_student)
     or 'parameter_space'.
@@ -128,4 +166,6 @@ def distill(
         dist.step(i, x, c, gd)
         for sched in dist.schedulers.values():
             sched.step()
-    return freeze(dist.ema.module)
+        if select is not None:
+            select.observe(i + 1, train_steps, dist.ema.module)
+    return freeze(dist.ema.module if select is None else select.best)

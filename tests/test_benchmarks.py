@@ -35,3 +35,44 @@ def test_train_step_plain_part_times_the_teacher_and_alternating_steps(tmp_path)
     assert out["alternating"]["aux_s"] > 0 and out["alternating"]["student_s"] > 0
     costs = ts.pass_costs(args, str(tmp_path), 4)
     assert 1 < costs["alternating_bound"] < 3 and costs["forward_s"] > 0
+
+
+def test_mnist_curve_runs_without_ray_or_hydra_and_keeps_the_best_proxy(tmp_path):
+    """The GPU machine has torch but neither Ray nor Hydra: part 2 of mnist_curve.py must run there, from
+    prepared inputs, and the final student must be the EMA with the best proxy FD on its curve."""
+    import json
+    import subprocess
+
+    mc, ts = _import("mnist_curve"), _import("train_step")
+    from rayflow.config import JobConfig
+    from rayflow.evaluation.classifier import train_classifier
+    from rayflow.models import build_denoiser, save_state_dict
+
+    spec = {"task": "distill", "data": {"source": "digits", "resolution": 8, "channels": 1, "num_classes": 10,
+                                        "batch_size": 8},
+            "model": {"channels": 8, "channel_mult": [1, 2], "attn_levels": []}, "distill": {"ema_decay": 0.9}}
+    teacher = tmp_path / "teacher.pt"
+    random_teacher = JobConfig.from_dict({**spec, "task": "teacher"})
+    save_state_dict(build_denoiser(random_teacher.model, random_teacher.data).state_dict(), teacher)
+    job = JobConfig.from_dict({**spec, "teacher": {"checkpoint": str(teacher)}})
+    x, y = ts.digits_batch(8, 300)
+    mc.write_inputs(tmp_path / "in", job, x, y, train_classifier(x, y, epochs=1))
+
+    argv = [str(BENCHMARKS / "mnist_curve.py"), "--inputs", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--ks", "2", "--images", "64", "--eval-every-images", "16", "--proxy-samples", "40",
+            "--eval-samples", "60", "--seeds", "1", "--teacher-steps", "4"]
+    blocked = ["ray", "hydra", "omegaconf", "mlflow", "mlxtend"]
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({blocked!r})); sys.argv = {argv!r}; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    curve = [r for r in rows if r["kind"] == "curve"]
+    assert [r["update"] for r in curve] == [2, 4, 6, 8] and [r["images"] for r in curve] == [16, 32, 48, 64]
+    finals = {r["method"]: r for r in rows if r["kind"] == "final"}
+    assert set(finals) == {"teacher_ancestral", "teacher_ddim", "student_selected"}
+    best = min(curve, key=lambda r: r["fd"])
+    student = finals["student_selected"]
+    assert student["selected_update"] == best["update"] and student["selected_proxy_fd"] == best["fd"]
+    assert student["last_proxy_fd"] == curve[-1]["fd"] and student["samples"] == 60
+    assert "| student_selected | 2 | 64 | 1 |" in proc.stdout

@@ -62,9 +62,17 @@ def generate(
     return x, labels, secs
 
 
-def _classifier(job: JobConfig, cache_dir: str, n: int):
-    real_x, real_y = real_images(job, max(n, MIN_REAL, min(REAL_PER_CLASS * job.data.num_classes, MAX_REAL)))
-    classifier, sha = load_or_train_classifier(cache_dir, _data_key(job), real_x, real_y)
+def classifier_and_real(job: JobConfig, cache_dir: str, n: int):
+    """(classifier, its file's SHA-256, real images, labels): what the metrics of n samples are computed against,
+    the classifier trained once per data set and cached in cache_dir (benchmarks/mnist_curve.py exports them).
+
+    The classifier always learns from the same first real images, however many samples the evaluation that
+    trains it scores: the cache is keyed by the data set alone, so a classifier that depended on n would make
+    every later metric depend on which evaluation happened to run first on the machine."""
+    n_classifier = max(MIN_REAL, min(REAL_PER_CLASS * job.data.num_classes, MAX_REAL))
+    real_x, real_y = real_images(job, max(n, n_classifier))
+    classifier, sha = load_or_train_classifier(cache_dir, _data_key(job), real_x[:n_classifier],
+                                               real_y[:n_classifier])
     return classifier, sha, real_x, real_y
 
 
@@ -73,7 +81,7 @@ def prepare_reference(job: JobConfig, cache_dir: str) -> str:
     `rayflow.evaluation.metrics.save_reference`), written once per data set into cache_dir."""
     path = os.path.join(cache_dir, f"reference-{_data_key(job)}.pt")
     if not os.path.isfile(path):
-        classifier, _, real_x, real_y = _classifier(job, cache_dir, MIN_REAL)
+        classifier, _, real_x, real_y = classifier_and_real(job, cache_dir, MIN_REAL)
         save_reference(path, classifier, real_reference(classifier, real_x, real_y))
     return path
 
@@ -114,7 +122,7 @@ class EvalRun:
 def evaluate_runs(job: JobConfig, runs: list[EvalRun], cache_dir: str, *, n: int, seed: int) -> dict:
     """n conditional samples (`eval_conditions`) per run, scored as `evaluate` describes."""
     inception = load_inception(job)  # first: a wrong weights file fails before minutes of sampling
-    classifier, clf_sha, real_x, real_y = _classifier(job, cache_dir, n)
+    classifier, clf_sha, real_x, real_y = classifier_and_real(job, cache_dir, n)
     ref = fid_reference(job, cache_dir, inception) if inception is not None else None
     metrics: dict[str, float] = {"eval.classifier_sha256_prefix": int(clf_sha[:8], 16)}
     if ref is not None:
