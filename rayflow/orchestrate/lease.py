@@ -6,6 +6,10 @@ Train storage and break each other's checkpoints. `rayflow.train` / `rayflow.tun
 lease refuses a second launch at once; a dead one (its heartbeat stopped, or its process is gone from this
 host) is taken over, so rerunning a killed command resumes it. Works on local disk and on any filesystem
 pyarrow reaches (s3://, gs://, NFS mounts): only whole-file reads and writes.
+
+The holder writes lease.json once; its heartbeat goes to a file of its own, `lease.<token>.beat`. Those stores
+have no compare-and-swap, so a heartbeat that rewrote lease.json could, between reading it and writing it,
+overwrite the record of a driver that had just taken over; a beat file cannot.
 """
 
 from __future__ import annotations
@@ -52,8 +56,18 @@ def _write(fs: pafs.FileSystem, path: str, record: dict) -> None:
     fs.move(tmp, path)  # a reader sees the old or the new record, never half of one
 
 
-def _alive(record: dict, now: float) -> bool:
-    if now - float(record.get("heartbeat", 0)) > STALE_S:
+def _beat_path(path: str, token: str) -> str:
+    return f"{path.rsplit('/', 1)[0]}/lease.{token}.beat"
+
+
+def _heartbeat(fs: pafs.FileSystem, path: str, record: dict) -> float:
+    """The holder's last heartbeat: its beat file's, or the record's own (written when it took the lease)."""
+    beat = _read(fs, _beat_path(path, str(record.get("token"))))
+    return max(float(record.get("heartbeat", 0)), float((beat or {}).get("heartbeat", 0)))
+
+
+def _alive(record: dict, heartbeat: float, now: float) -> bool:
+    if now - heartbeat > STALE_S:
         return False
     if record.get("host") == socket.gethostname():  # on this host the process itself can be asked
         try:
@@ -65,10 +79,10 @@ def _alive(record: dict, now: float) -> bool:
     return True
 
 
-def _describe(record: dict, storage: str, name: str, now: float) -> str:
+def _describe(record: dict, heartbeat: float, storage: str, name: str, now: float) -> str:
     since = datetime.fromtimestamp(float(record["started"]), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (f"run '{name}' in {storage} is already running: {record.get('owner')}@{record.get('host')} pid "
-            f"{record.get('pid')} since {since} (heartbeat {now - float(record['heartbeat']):.0f} s ago); FIX THIS "
+            f"{record.get('pid')} since {since} (heartbeat {now - heartbeat:.0f} s ago); FIX THIS "
             f"by waiting for it, stopping it (kill -INT {record.get('pid')} on {record.get('host')}), or choosing "
             "another run.name")
 
@@ -83,13 +97,13 @@ class Lease:
         self._thread.start()
 
     def _beat(self) -> None:
+        token = self.record["token"]
         while not self._stop.wait(HEARTBEAT_S):
             current = _read(self.fs, self.path)
-            if current is not None and current.get("token") != self.record["token"]:
-                return  # taken over (we were presumed dead): never overwrite the new holder
-            self.record["heartbeat"] = time.time()
+            if current is not None and current.get("token") != token:
+                return  # taken over (we were presumed dead): stop beating
             try:
-                _write(self.fs, self.path, self.record)
+                _write(self.fs, _beat_path(self.path, token), {"token": token, "heartbeat": time.time()})
             except OSError:
                 pass  # storage hiccup: the next beat retries; STALE_S is several beats long
 
@@ -97,11 +111,14 @@ class Lease:
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_S)
         current = _read(self.fs, self.path)
+        mine = [_beat_path(self.path, self.record["token"])]
         if current is not None and current.get("token") == self.record["token"]:
+            mine.append(self.path)
+        for path in mine:
             try:
-                self.fs.delete_file(self.path)
+                self.fs.delete_file(path)
             except OSError:
-                pass  # a stale lease is taken over by the next launch anyway
+                pass  # absent, or a stale lease the next launch takes over anyway
 
 
 def acquire(storage: str, name: str) -> Lease:
@@ -109,15 +126,21 @@ def acquire(storage: str, name: str) -> Lease:
     fs, path = _fs_path(storage, name)
     now = time.time()
     held = _read(fs, path)
-    if held is not None and _alive(held, now):
-        raise LeaseHeld(_describe(held, storage, name, now))
+    if held is not None and _alive(held, _heartbeat(fs, path, held), now):
+        raise LeaseHeld(_describe(held, _heartbeat(fs, path, held), storage, name, now))
     record = {"owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(), "started": now,
               "heartbeat": now, "token": uuid.uuid4().hex, "run": name}
     _write(fs, path, record)
     time.sleep(0.2)  # two takers at the same instant: the last write wins, the other sees it and backs off
     current = _read(fs, path)
     if current is None or current.get("token") != record["token"]:
-        raise LeaseHeld(_describe(current or record, storage, name, time.time()))
+        winner = current or record
+        raise LeaseHeld(_describe(winner, _heartbeat(fs, path, winner), storage, name, time.time()))
+    if held is not None and held.get("token"):
+        try:
+            fs.delete_file(_beat_path(path, str(held["token"])))  # the dead holder's beat file
+        except OSError:
+            pass
     return Lease(fs, path, record)
 
 

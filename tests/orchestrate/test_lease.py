@@ -56,14 +56,33 @@ def test_heartbeat_refreshes_and_never_overwrites_a_new_holder(tmp_path, monkeyp
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
     held = acquire(str(tmp_path), "r")
     path = tmp_path / "r" / "lease.json"
+    beat = tmp_path / "r" / f"lease.{held.record['token']}.beat"
     first = json.loads(path.read_text())["heartbeat"]
     time.sleep(0.3)
-    assert json.loads(path.read_text())["heartbeat"] > first
-    _record(path, token="new-holder")  # we were presumed dead and someone took over
+    assert json.loads(beat.read_text())["heartbeat"] > first
+    snapshot = path.read_text()
+    assert json.loads(snapshot)["token"] == held.record["token"]  # the heartbeat never rewrites lease.json ...
+    time.sleep(0.3)
+    assert path.read_text() == snapshot
+    _record(path, token="new-holder")  # ... so a driver that took over (we were presumed dead) keeps its record
     time.sleep(0.3)
     assert json.loads(path.read_text())["token"] == "new-holder"
     held.release()
     assert json.loads(path.read_text())["token"] == "new-holder"  # release leaves the new holder's lease
+    assert not beat.exists()  # and takes its own beat file
+
+
+def test_a_holder_is_alive_while_its_beat_file_is_fresh(tmp_path):
+    """The record's heartbeat is its acquisition time; a live holder's beat file keeps it from being taken over."""
+    path = tmp_path / "r" / "lease.json"
+    _record(path, host="elsewhere", heartbeat=time.time() - lease.STALE_S - 1)
+    (tmp_path / "r" / "lease.other.beat").write_text(json.dumps({"token": "other", "heartbeat": time.time()}))
+    with pytest.raises(LeaseHeld, match="heartbeat 0 s ago"):
+        acquire(str(tmp_path), "r")
+    (tmp_path / "r" / "lease.other.beat").write_text(
+        json.dumps({"token": "other", "heartbeat": time.time() - lease.STALE_S - 1}))
+    with hold(str(tmp_path), "r"):  # both stale: taken over, and the dead holder's beat file goes
+        assert not (tmp_path / "r" / "lease.other.beat").exists()
 
 
 def test_another_process_holds_it_until_killed(tmp_path):
