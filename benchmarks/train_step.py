@@ -2,9 +2,17 @@
 
     python benchmarks/train_step.py [--res 16] [--batch 64] [--updates 60] [--channels 16] [--out FILE.json]
                                     [--plain-updates 30] [--warmup 4] [--report-every 10]
+                                    [--model NAME] [--channels-last] [--skip-ray [--compile] [--ab OPTION]]
 
 Both parts use the same model (a UNet, model.channels wide, channel_mult [1, 2], no attention levels, so
-only the mid block's self-attention), the built-in `digits` source at --res px and one torch thread.
+only the mid block's self-attention, as conf/model/unet_tiny.yaml; or --model, a conf/model/ option, e.g.
+unet_small), the built-in `digits` source at --res px and one torch thread. --channels-last sets
+resources.channels_last (networks and batches in NHWC, in both parts; the parameter-space step is left out,
+since the config refuses it there). --compile (in-process part only) runs every network through torch.compile
+and reports each method's first update and whole warm-up, which include the compilation, separately.
+--ab channels_last|compile (in-process part only, no pass costs) times every step both without and with the
+option, all interleaved in one process, and prints each method's ratio with/without: on a machine whose load
+drifts this is the comparison to trust, not two separate runs.
 
 1. Plain torch, in this process, on one fixed batch of `digits`: after --warmup updates of each, the
    teacher step (`build_state(job, "teacher")`), the alternating moment-matching step (aux and student
@@ -51,10 +59,21 @@ from rayflow.config import JobConfig
 from rayflow.malloc import keep_freed_memory
 from rayflow.models import build_denoiser, save_state_dict
 from rayflow.orchestrate.precondition import teacher_preconditioner
-from rayflow.worker.state import TrainState, build_state
+from rayflow.worker.state import TrainState, build_state, in_layout
 
 BENCH = "train_step"
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "model")
 METHODS = ("teacher", "alternating", "parameter_space")
+
+
+def model_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """--model's conf/model/ option, or the benchmark's own UNet (--channels wide)."""
+    if getattr(args, "model", None):
+        import yaml
+
+        with open(os.path.join(MODELS, f"{args.model}.yaml")) as f:
+            return yaml.safe_load(f) or {}
+    return {"channels": args.channels, "channel_mult": [1, 2], "attn_levels": []}
 
 
 def job_dict(args: argparse.Namespace, teacher_path: str | None, storage: str, algorithm: str) -> dict[str, Any]:
@@ -68,13 +87,14 @@ def job_dict(args: argparse.Namespace, teacher_path: str | None, storage: str, a
             "num_classes": 10,
             "batch_size": args.batch,
         },
-        "model": {"channels": args.channels, "channel_mult": [1, 2], "attn_levels": []},
+        "model": model_dict(args),
         "teacher": {"checkpoint": teacher_path, "train_images": updates * args.batch},
         # identity Lambda: the default (a gradient preconditioner) would read real images through Ray Data, which
         # starts Ray before the plain part; a diagonal Lambda costs one elementwise product per parameter anyway
         "distill": {"algorithm": algorithm, "train_images": updates * args.batch, "precondition": "identity"},
         "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1, "max_failures": 0,
-                      "keep_freed_memory": not getattr(args, "default_malloc", False)},
+                      "keep_freed_memory": not getattr(args, "default_malloc", False),
+                      "channels_last": getattr(args, "channels_last", False)},
         "run": {
             "name": "train-step-bench",
             "storage_path": storage,
@@ -99,9 +119,12 @@ def digits_batch(res: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Timed:
     """One method's state and its per-update times, stepped the way worker/loop.py steps it."""
 
-    def __init__(self, name: str, state: TrainState, x: torch.Tensor, label: torch.Tensor, seed: int = 0):
+    def __init__(self, name: str, state: TrainState, x: torch.Tensor, label: torch.Tensor, seed: int = 0,
+                 compiled: bool = False):
         self.name, self.state, self.x, self.label, self.seed = name, state, x, label, seed
+        self.compiled = compiled  # its networks run through torch.compile: the warm-up includes compiling them
         self.times: list[float] = []
+        self.warmup: list[float] = []  # the untimed updates' times (with --compile: the compilation's)
         self.cpu: list[float] = []  # this thread's CPU seconds per update
 
     def _one(self) -> None:
@@ -117,8 +140,7 @@ class Timed:
         for _ in range(n):
             t0 = time.perf_counter()
             self._one()
-            if record:
-                self.times.append(time.perf_counter() - t0)
+            (self.times if record else self.warmup).append(time.perf_counter() - t0)
 
     def summary(self, window: int) -> dict[str, Any]:
         t = self.times
@@ -127,30 +149,54 @@ class Timed:
         out: dict[str, Any] = {
             "bench": BENCH,
             "measure": "plain_step",
-            "method": self.name,
+            "method": self.name.split("+")[0],
             "s_per_update": round(statistics.fmean(t), 4),
             "median_pair_s": round(statistics.median(pairs), 4),
             "best_window_s": round(min(chunks), 4) if chunks else None,  # windows as long as Ray's
             "updates": len(t),
             "cpu_s_per_update": round(statistics.fmean(self.cpu[-len(t):]), 4),
         }
-        if self.name == "alternating":  # updates alternate aux (even n) and student (odd n), from n = 0
+        if self.name != out["method"]:  # an --ab variant
+            out["variant"] = self.name
+        if out["method"] == "alternating":  # updates alternate aux (even n) and student (odd n), from n = 0
             out["aux_s"] = round(statistics.fmean(t[0::2]), 4)
             out["student_s"] = round(statistics.fmean(t[1::2]), 4)
+        if self.compiled and self.warmup:
+            out["first_update_s"] = round(self.warmup[0], 2)
+            out["warmup_s"] = round(sum(self.warmup), 2)
+            out["warmup_updates"] = len(self.warmup)
         return out
 
 
+def compile_networks(state: TrainState) -> None:
+    """torch.compile every network the step runs, in place (nn.Module.compile: the step keeps its references)."""
+    step = getattr(state.step, "step", state.step)  # resources.channels_last wraps the core's step
+    for net in {id(m): m for m in [*state.trainables.values(), getattr(step, "teacher", None)] if m is not None}.values():
+        net.compile()
+
+
 def plain_steps(
-    args: argparse.Namespace, teacher_path: str, storage: str, methods: tuple[str, ...], updates: int
+    args: argparse.Namespace, teacher_path: str, storage: str, methods: tuple[str, ...], updates: int,
+    *, ab: str | None = None,
 ) -> dict[str, dict]:
-    """Interleaved in-process timing of `methods` on one fixed batch; returns the summary per method."""
+    """Interleaved in-process timing of `methods` on one fixed batch; returns the summary per method. With `ab`
+    (channels_last or compile) each method also runs with that option on, interleaved with the rest, named
+    METHOD+ab. The parameter-space step is left out wherever channels_last is on (the config refuses it)."""
     x, label = digits_batch(args.res, args.batch)
+    variants = [("", args)] + ([(f"+{ab}", argparse.Namespace(**{**vars(args), ab: True}))] if ab else [])
     timed = []
-    for name in methods:
-        role, algorithm = ("teacher", "alternating") if name == "teacher" else ("distill", name)
-        job = JobConfig.from_dict(job_dict(args, teacher_path if role == "distill" else None, storage, algorithm))
-        precond = teacher_preconditioner(job) if role == "distill" else None
-        timed.append(Timed(name, build_state(job, role, torch.device("cpu"), precond=precond), x, label))
+    for suffix, a in variants:
+        compiled = getattr(a, "compile", False)
+        for name in methods:
+            if name == "parameter_space" and getattr(a, "channels_last", False):
+                continue
+            role, algorithm = ("teacher", "alternating") if name == "teacher" else ("distill", name)
+            job = JobConfig.from_dict(job_dict(a, teacher_path if role == "distill" else None, storage, algorithm))
+            precond = teacher_preconditioner(job) if role == "distill" else None
+            state = build_state(job, role, torch.device("cpu"), precond=precond)
+            if compiled:
+                compile_networks(state)
+            timed.append(Timed(name + suffix, state, x, label, compiled=compiled))
     for t in timed:
         t.run(args.warmup, record=False)
     for _ in range(updates // 2):
@@ -167,8 +213,11 @@ def pass_costs(args: argparse.Namespace, storage: str, updates: int) -> dict[str
     x, label = digits_batch(args.res, args.batch)
     job = JobConfig.from_dict(job_dict(args, None, storage, "alternating"))
     state = build_state(job, "teacher", torch.device("cpu"))
+    if getattr(args, "compile", False):
+        compile_networks(state)
     teacher = Timed("teacher", state, x, label)
     den = state.trainables["teacher"]
+    x_net = in_layout(x, job.resources.channels_last)  # the batch as the step feeds it to the network
     t = torch.rand(args.batch, generator=torch.Generator().manual_seed(0))
     forwards: list[float] = []
     teacher.run(args.warmup, record=False)
@@ -177,11 +226,39 @@ def pass_costs(args: argparse.Namespace, storage: str, updates: int) -> dict[str
         for _ in range(2):
             t0 = time.perf_counter()
             with torch.no_grad():
-                den(x, t, label)
+                den(x_net, t, label)
             forwards.append(time.perf_counter() - t0)
     f, tt = statistics.fmean(forwards), statistics.fmean(teacher.times)
     return {"bench": BENCH, "measure": "pass_costs", "forward_s": round(f, 4), "teacher_update_s": round(tt, 4),
             "forward_over_teacher": round(f / tt, 3), "alternating_bound": round(1 + 2 * f / tt, 3)}
+
+
+def step_ratios(plain: dict[str, dict], suffix: str, costs: dict | None) -> list[dict]:
+    """Each moment-matching step's time per update over the teacher step's, for the variant `suffix`."""
+    teacher_s = plain["teacher" + suffix]["s_per_update"]
+    alt_s = plain["alternating" + suffix]["s_per_update"]
+    tag = {"variant": suffix[1:]} if suffix else {}
+    out = [{"bench": BENCH, "metric": "alternating_over_teacher", **tag, "ratio": round(alt_s / teacher_s, 3),
+            "per_student_update": round(2 * alt_s / teacher_s, 3)}]
+    if costs:  # > 1: time the step spends beyond its network passes
+        out.append({"bench": BENCH, "metric": "alternating_over_its_pass_bound",
+                    "ratio": round(alt_s / teacher_s / costs["alternating_bound"], 3)})
+    if "parameter_space" + suffix in plain:
+        out.append({"bench": BENCH, "metric": "parameter_space_over_teacher", **tag,
+                    "ratio": round(plain["parameter_space" + suffix]["s_per_update"] / teacher_s, 3)})
+    return out
+
+
+def ab_ratios(plain: dict[str, dict], ab: str) -> list[dict]:
+    """--ab: each method's time with the option over its time without (mean, median pair, CPU seconds)."""
+    out = []
+    for name, base in plain.items():
+        other = plain.get(f"{name}+{ab}")
+        if other is None:
+            continue
+        out.append({"bench": BENCH, "metric": f"{ab}_over_default", "method": name,
+                    **{k: round(other[k] / base[k], 3) for k in ("s_per_update", "median_pair_s", "cpu_s_per_update")}})
+    return out
 
 
 def report_collector(path: str):
@@ -280,7 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ray", action="store_true", help="only the in-process part (1) and the pass costs (3)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default malloc settings in both loops (resources.keep_freed_memory=false)")
+    parser.add_argument("--model", help="a conf/model/ option (e.g. unet_small) instead of the --channels UNet")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="resources.channels_last=true (the parameter-space step is left out: refused there)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (needs --skip-ray)")
+    parser.add_argument("--ab", choices=("channels_last", "compile"),
+                        help="time every step without and with this option, interleaved in one process (needs "
+                             "--skip-ray; no pass costs); prints the ratios with/without per method")
     args = parser.parse_args(argv)
+    if (args.compile or args.ab) and not args.skip_ray:
+        parser.error("--compile and --ab time the in-process part only; add --skip-ray")
+    if args.ab and getattr(args, args.ab):
+        parser.error(f"--ab {args.ab} already compares without and with --{args.ab.replace('_', '-')}")
+    if args.model and not os.path.exists(os.path.join(MODELS, f"{args.model}.yaml")):
+        parser.error(f"--model {args.model}: no {MODELS}/{args.model}.yaml")
     for flag in ("updates", "plain_updates", "warmup", "report_every"):
         if getattr(args, flag) % 2:  # alternating: whole aux+student pairs in every timed stretch
             parser.error(f"--{flag.replace('_', '-')} must be even")
@@ -291,11 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         "keep_freed_memory": not args.default_malloc,
         "res": args.res,
         "batch": args.batch,
-        "channels": args.channels,
+        "channels": JobConfig.from_dict(job_dict(args, None, tempfile.gettempdir(), "alternating")).model.channels,
         "torch_threads": 1,
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
+    # the options' keys only where set: the default invocation's records stay as they were
+    common.update({k: v for k, v in (("model", args.model), ("channels_last", args.channels_last),
+                                     ("compile", args.compile), ("ab", args.ab)) if v})
     records: list[dict] = []
 
     def emit(record: dict) -> None:
@@ -308,41 +401,25 @@ def main(argv: list[str] | None = None) -> int:
         teacher_path = os.path.join(tmp, "teacher.pt")
         save_state_dict(build_denoiser(job.model, job.data).state_dict(), teacher_path)
 
-        plain = plain_steps(args, teacher_path, tmp, METHODS, args.plain_updates)
+        plain = plain_steps(args, teacher_path, tmp, METHODS, args.plain_updates, ab=args.ab)
         for s in plain.values():
             emit({**s, **common})
-        costs = pass_costs(args, tmp, args.plain_updates)
-        emit({**costs, **common})
+        costs = None if args.ab else pass_costs(args, tmp, args.plain_updates)
+        if costs:
+            emit({**costs, **common})
         if not args.skip_ray:
             ray_result = ray_fit(args, teacher_path, os.path.join(tmp, "runs"))
             emit({**ray_result, **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
             after = plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"]
             emit({**after, "measure": "plain_step_after_ray", **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
 
-    teacher_s = plain["teacher"]["s_per_update"]
+    for suffix in ("", f"+{args.ab}") if args.ab else ("",):
+        for record in step_ratios(plain, suffix, None if suffix else costs):
+            emit(record)
+    if args.ab:
+        for record in ab_ratios(plain, args.ab):
+            emit(record)
     alt_s = plain["alternating"]["s_per_update"]
-    emit(
-        {
-            "bench": BENCH,
-            "metric": "alternating_over_teacher",
-            "ratio": round(alt_s / teacher_s, 3),
-            "per_student_update": round(2 * alt_s / teacher_s, 3),
-        }
-    )
-    emit(
-        {
-            "bench": BENCH,
-            "metric": "alternating_over_its_pass_bound",  # > 1: time the step spends beyond its network passes
-            "ratio": round(alt_s / teacher_s / costs["alternating_bound"], 3),
-        }
-    )
-    emit(
-        {
-            "bench": BENCH,
-            "metric": "parameter_space_over_teacher",
-            "ratio": round(plain["parameter_space"]["s_per_update"] / teacher_s, 3),
-        }
-    )
     if not args.skip_ray:
         plain_alt = (alt_s * plain["alternating"]["updates"] + after["s_per_update"] * after["updates"]) / (
             plain["alternating"]["updates"] + after["updates"]

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -18,13 +20,16 @@ def _import(name: str):
         sys.path.remove(str(BENCHMARKS))
 
 
-def test_train_step_plain_part_times_the_teacher_and_alternating_steps(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_step_plain_part_times_the_teacher_and_alternating_steps(tmp_path, channels_last):
     ts = _import("train_step")
     from rayflow.config import JobConfig
     from rayflow.models import build_denoiser, save_state_dict
 
-    args = argparse.Namespace(res=8, batch=4, channels=8, updates=8, warmup=2, report_every=2)
+    args = argparse.Namespace(res=8, batch=4, channels=8, updates=8, warmup=2, report_every=2,
+                              channels_last=channels_last)
     job = JobConfig.from_dict(ts.job_dict(args, None, str(tmp_path), "alternating"))
+    assert job.resources.channels_last is channels_last  # --channels-last reaches the states both parts build
     teacher = str(tmp_path / "teacher.pt")
     save_state_dict(build_denoiser(job.model, job.data).state_dict(), teacher)
     methods = ("teacher", "alternating")  # parameter_space's preconditioner reads real images through Ray Data
@@ -76,3 +81,10 @@ def test_mnist_curve_runs_without_ray_or_hydra_and_keeps_the_best_proxy(tmp_path
     assert student["selected_update"] == best["update"] and student["selected_proxy_fd"] == best["fd"]
     assert student["last_proxy_fd"] == curve[-1]["fd"] and student["samples"] == 60
     assert "| student_selected | 2 | 64 | 1 |" in proc.stdout
+
+
+def test_train_step_model_option_reads_conf_model():
+    ts = _import("train_step")
+    own = ts.model_dict(argparse.Namespace(model=None, channels=16))
+    assert ts.model_dict(argparse.Namespace(model="unet_tiny", channels=8)) == own  # the default is unet_tiny
+    assert ts.model_dict(argparse.Namespace(model="unet_small", channels=8)) == {}  # ModelConfig's defaults

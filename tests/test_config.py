@@ -37,6 +37,14 @@ def test_user_overrides_land_in_typed_fields():
     assert flat["distill.steps"] == 4 and flat["resources.num_workers"] == 2
 
 
+def test_channels_last_is_a_typed_key_off_by_default():
+    assert _job().resources.channels_last is False
+    job = _job("resources.channels_last=true")
+    assert job.resources.channels_last is True and job.flat()["resources.channels_last"] is True
+    assert JobConfig.from_dict(job.to_dict()).resources.channels_last is True
+    assert _job("resources.channels_last=true", "task=teacher", "distill=parameter_space").resources.channels_last
+
+
 def test_smoke_experiment_selects_tiny_settings():
     job = _job("experiment=smoke")
     assert job.run.name == "smoke" and job.data.source == "digits" and job.model.channels == 16
@@ -52,6 +60,7 @@ def test_smoke_experiment_selects_tiny_settings():
         (["tracking.uri=./mlruns"], "tracking.uri"),
         (["data=imagenet64", "data.path=null"], "data.path"),
         (["model.attn_levels=[5]"], "model.attn_levels"),
+        (["resources.channels_last=true", "distill=parameter_space"], "resources.channels_last"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(overrides, needle):

@@ -49,6 +49,9 @@ class JobConfig:
             )
         if self.distill.algorithm == "parameter_space" and self.data.batch_size // self.resources.num_workers < 2:
             fail("data.batch_size", self.data.batch_size, "using >= 2 images per worker (two batch halves)")
+        if self.resources.channels_last and self.task != "teacher" and self.distill.algorithm == "parameter_space":
+            fail("resources.channels_last", True, "setting resources.channels_last=false: distill.algorithm="
+                 "parameter_space's teacher JVP (forward-mode AD) fails on channels_last activations")
         if self.task == "distill" and not self.teacher.checkpoint:
             fail(
                 "teacher.checkpoint",

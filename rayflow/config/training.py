@@ -74,6 +74,12 @@ class ResourcesConfig:
     # glibc keeps freed CPU memory for reuse (rayflow.malloc): no page-fault storm every step on CPU workers and
     # driver-side sampling; the process then holds its peak memory
     keep_freed_memory: bool = True
+    # Train workers hold student, aux, teacher and the EMA in channels_last memory format (NHWC) and feed them 4-D
+    # image batches in it; results equal the default layout's to float rounding. Faster convolutions on some
+    # hardware and sizes (benchmarks/README.md, "channels_last and torch.compile"). Not with
+    # distill.algorithm=parameter_space: its teacher JVP (forward-mode AD) fails through group_norm on channels_last
+    # activations (torch 2.13; tests/worker/test_state.py)
+    channels_last: bool = False
 
     def forward_dtype(self, device_type: str):
         """The autocast dtype of network forwards on a device type, or None for full precision."""

@@ -78,6 +78,33 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
+def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """`x` in the networks' memory format: channels_last for a 4-D image batch when `channels_last`, else as is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+class ChannelsLastBatches:
+    """A step fed its image batches in channels_last memory format (resources.channels_last), the layout of its
+    networks' weights, so that no convolution converts its input. Everything else is the wrapped step's."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+
+    def __call__(self, n: int, x: torch.Tensor, cond, generator=None) -> dict[str, float]:
+        return self.step(n, in_layout(x, True), cond, generator)
+
+
+def _network_layout(module: nn.Module, job: JobConfig) -> nn.Module:
+    """The network in resources.channels_last's memory format (in place). Applied before student, aux and the EMA
+    are copied from it, so that they inherit it, and before DDP wraps it."""
+    return module.to(memory_format=torch.channels_last) if job.resources.channels_last else module
+
+
+def _batch_layout(step, job: JobConfig):
+    """The step, fed batches in resources.channels_last's memory format."""
+    return ChannelsLastBatches(step) if job.resources.channels_last else step
+
+
 def _trainable_copy(base: nn.Module, job: JobConfig) -> nn.Module:
     """A student or aux: the adapted teacher, trainable; parameters a foreign network leaves unused stay frozen."""
     module = clone_trainable(base)
@@ -101,7 +128,7 @@ def build_state(
                 f"task=teacher trains rayflow's own UNet, but teacher.adapter={job.teacher.adapter!r}. FIX THIS by "
                 "distilling your teacher (task=distill) or training with teacher.adapter=native"
             )
-        den = wrap(build_denoiser(job.model, job.data).to(device))
+        den = wrap(_network_layout(build_denoiser(job.model, job.data).to(device), job))
         t = job.teacher
         opt = make_adam(den.parameters(), t.lr, betas=(0.9, 0.99), eps=1e-8)
         total = updates(t.train_images)
@@ -117,12 +144,13 @@ def build_state(
             ema=ema,
             forward_dtype=forward_dtype,
         )
-        return TrainState(role, {"teacher": den}, {"teacher": opt}, {"teacher": sched}, ema, step, total)
+        return TrainState(role, {"teacher": den}, {"teacher": opt}, {"teacher": sched}, ema,
+                          _batch_layout(step, job), total)
     d = job.distill
     # the teacher through its adapter; student and aux are clones of it (same architecture, weights, adapter)
-    base = load_teacher(
+    base = _network_layout(load_teacher(
         job.teacher.checkpoint, job.model, job.data, sha256=job.teacher.sha256, device=device, teacher=job.teacher
-    )
+    ), job)
     if d.algorithm == "parameter_space" and precond is None and d.precondition != "identity":
         raise ValueError(
             f"distill.precondition={d.precondition!r} but the worker got no preconditioner; FIX THIS by launching "
@@ -138,4 +166,5 @@ def build_state(
         grad_reduce=all_reduce_mean,
         make_trainable=lambda m: _trainable_copy(m, job), wrap=wrap,
     )
-    return TrainState(role, dist.trainables, dist.optimizers, dist.schedulers, dist.ema, dist.step, total)
+    return TrainState(role, dist.trainables, dist.optimizers, dist.schedulers, dist.ema,
+                      _batch_layout(dist.step, job), total)
