@@ -67,7 +67,7 @@ class ResourcesConfig:
     cpus_per_worker: float = 0.5  # fractional on small machines leaves CPU for Ray Data's tasks
     gpus_per_worker: float = 1.0
     # dtype of the network forwards only (autocast); differences of outputs, losses, reductions, clipping, the
-    # optimizer and the EMA always run in float32. auto = bf16 on GPU, fp32 on CPU
+    # optimizer, the EMA and the parameter-space teacher JVP always run in float32. auto = bf16 on GPU, fp32 on CPU
     precision: str = "auto"  # auto | fp32 | bf16
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     torch_threads: int = 0  # per worker; 0 = torch's default

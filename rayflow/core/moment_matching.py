@@ -189,12 +189,16 @@ class ParameterSpaceMomentMatching(_MomentMatchingBase):
     def teacher_jvp(
         self, teacher: nn.Module, nu: dict[str, torch.Tensor], z_s: torch.Tensor, s: torch.Tensor, cond
     ) -> torch.Tensor:
-        """u = J_theta g_theta(z_s, s) nu, the change of the teacher's output along nu in parameter space."""
+        """u = J_theta g_theta(z_s, s) nu, the change of the teacher's output along nu in parameter space.
+
+        Always in full precision: autocast does not compose with torch.func's forward-mode transform (a
+        convolution inside `jvp` under autocast gets a bf16 weight and a float32 input and fails; pytorch/functorch
+        issue 305), so `forward_dtype` applies to the rollouts and the teacher gradient, not to this pass."""
         primals = {k: v.detach() for k, v in teacher.named_parameters()}
         tangents = {k: nu[k].to(v) for k, v in primals.items()}
 
         def f(p):
-            return denoise(lambda *a: functional_call(teacher, p, a), z_s, s, cond, dtype=self.forward_dtype)
+            return denoise(lambda *a: functional_call(teacher, p, a), z_s, s, cond)
 
         _, u = jvp(f, (primals,), (tangents,))
         return u  # (B, ...)

@@ -263,6 +263,28 @@ def test_bf16_forward_runs_the_parameter_space_gradient_and_jvp():
     assert loss.shape == ref.shape
 
 
+def test_bf16_forward_runs_the_parameter_space_step_through_a_unet():
+    """Convolutions: autocast inside torch.func.jvp failed (bf16 weight, float32 input); the JVP runs in float32
+    and equals the full-precision one, while the rollouts still run their forwards in bf16."""
+    torch.manual_seed(0)
+    net = build_net("unet", in_channels=1, channels=8, channel_mult=[1, 2], attn_levels=[1], num_classes=10)
+    teacher = freeze(Denoiser(net, SCH, "v"))
+    student = clone_trainable(teacher)
+    x, cond = torch.randn(4, 1, 8, 8), torch.arange(4)
+    mm = ParameterSpaceMomentMatching(SCH, steps=2, forward_dtype=torch.bfloat16)
+    seen = []
+    for m in student.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    loss = mm.student_loss(student, teacher, x, cond, torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all() and set(seen) == {torch.bfloat16}
+    nu = {k: torch.randn_like(v) for k, v in teacher.named_parameters()}
+    z, s = torch.randn(4, 1, 8, 8), torch.rand(4)
+    full = ParameterSpaceMomentMatching(SCH, steps=2)
+    torch.testing.assert_close(mm.teacher_jvp(teacher, nu, z, s, cond), full.teacher_jvp(teacher, nu, z, s, cond),
+                               rtol=0, atol=0)
+
+
 def test_gradient_preconditioner_is_inverse_root_mean_squared_teacher_loss_gradient():
     from rayflow.core.diffusion import denoising_loss
     from rayflow.core.moment_matching import gradient_preconditioner
