@@ -58,7 +58,6 @@ import torch
 from rayflow.config import JobConfig
 from rayflow.malloc import keep_freed_memory
 from rayflow.models import build_denoiser, save_state_dict
-from rayflow.orchestrate.precondition import teacher_preconditioner
 from rayflow.worker.state import TrainState, build_state, in_layout
 
 BENCH = "train_step"
@@ -94,7 +93,9 @@ def job_dict(args: argparse.Namespace, teacher_path: str | None, storage: str, a
         "distill": {"algorithm": algorithm, "train_images": updates * args.batch, "precondition": "identity"},
         "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "torch_threads": 1, "max_failures": 0,
                       "keep_freed_memory": not getattr(args, "default_malloc", False),
-                      "channels_last": getattr(args, "channels_last", False)},
+                      "channels_last": getattr(args, "channels_last", False),
+                      # benchmarks/gpu_profile.py: the forwards' dtype and one GPU per worker
+                      "precision": getattr(args, "precision", "auto"), "use_gpu": getattr(args, "use_gpu", False)},
         "run": {
             "name": "train-step-bench",
             "storage_path": storage,
@@ -129,9 +130,11 @@ class Timed:
 
     def _one(self) -> None:
         c = self.state.counters
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + c.updates)
+        g = torch.Generator(device=self.x.device).manual_seed(self.seed * 1_000_003 + c.updates)
         cpu0 = time.thread_time()
         self.state.step(c.updates, self.x, self.label, g)
+        if self.x.is_cuda:  # the update's kernels, not just their launch
+            torch.cuda.synchronize(self.x.device)
         self.cpu.append(time.thread_time() - cpu0)
         c.updates += 1
         self.state.step_schedules()
@@ -171,18 +174,21 @@ class Timed:
 def compile_networks(state: TrainState) -> None:
     """torch.compile every network the step runs, in place (nn.Module.compile: the step keeps its references)."""
     step = getattr(state.step, "step", state.step)  # resources.channels_last wraps the core's step
-    for net in {id(m): m for m in [*state.trainables.values(), getattr(step, "teacher", None)] if m is not None}.values():
+    nets = [*state.trainables.values(), getattr(step, "teacher", None)]
+    for net in {id(m): m for m in nets if m is not None}.values():
         net.compile()
 
 
 def plain_steps(
     args: argparse.Namespace, teacher_path: str, storage: str, methods: tuple[str, ...], updates: int,
-    *, ab: str | None = None,
+    *, ab: str | None = None, device: torch.device | str = "cpu",
 ) -> dict[str, dict]:
-    """Interleaved in-process timing of `methods` on one fixed batch; returns the summary per method. With `ab`
-    (channels_last or compile) each method also runs with that option on, interleaved with the rest, named
-    METHOD+ab. The parameter-space step is left out wherever channels_last is on (the config refuses it)."""
-    x, label = digits_batch(args.res, args.batch)
+    """Interleaved in-process timing of `methods` on one fixed batch on `device`; returns the summary per method.
+    With `ab` (channels_last or compile) each method also runs with that option on, interleaved with the rest,
+    named METHOD+ab. The parameter-space step is left out wherever channels_last is on (the config refuses it).
+    (job_dict's identity Lambda: no preconditioner to compute, so this part needs no Ray.)"""
+    device = torch.device(device)
+    x, label = (t.to(device) for t in digits_batch(args.res, args.batch))
     variants = [("", args)] + ([(f"+{ab}", argparse.Namespace(**{**vars(args), ab: True}))] if ab else [])
     timed = []
     for suffix, a in variants:
@@ -192,8 +198,7 @@ def plain_steps(
                 continue
             role, algorithm = ("teacher", "alternating") if name == "teacher" else ("distill", name)
             job = JobConfig.from_dict(job_dict(a, teacher_path if role == "distill" else None, storage, algorithm))
-            precond = teacher_preconditioner(job) if role == "distill" else None
-            state = build_state(job, role, torch.device("cpu"), precond=precond)
+            state = build_state(job, role, device)
             if compiled:
                 compile_networks(state)
             timed.append(Timed(name + suffix, state, x, label, compiled=compiled))

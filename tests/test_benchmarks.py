@@ -88,3 +88,25 @@ def test_train_step_model_option_reads_conf_model():
     own = ts.model_dict(argparse.Namespace(model=None, channels=16))
     assert ts.model_dict(argparse.Namespace(model="unet_tiny", channels=8)) == own  # the default is unet_tiny
     assert ts.model_dict(argparse.Namespace(model="unet_small", channels=8)) == {}  # ModelConfig's defaults
+
+
+def test_gpu_profile_runs_without_ray_or_hydra(tmp_path):
+    """The GPU image lent to this project has torch but neither Ray nor Hydra: the profile's in-process part must
+    run there (here on the CPU at a tiny size) and print a record per precision and method plus the ratios."""
+    import json
+    import subprocess
+
+    out = tmp_path / "profile.jsonl"
+    argv = [str(BENCHMARKS / "gpu_profile.py"), "--device", "cpu", "--model", "", "--channels", "8", "--res", "8",
+            "--batch", "4", "--updates", "2", "--warmup", "2", "--precisions", "fp32,bf16", "--out", str(out)]
+    blocked = ["ray", "hydra", "omegaconf", "mlflow", "mlxtend"]
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({blocked!r})); sys.argv = {argv!r}; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = {(r["precision"], r["method"]): r for r in records if r.get("measure") == "plain_step"}
+    assert set(steps) == {(p, m) for p in ("fp32", "bf16") for m in ("teacher", "alternating", "parameter_space")}
+    assert all(r["images_per_s"] > 0 and r["updates"] == 2 for r in steps.values())
+    ratios = {(r["precision"], r["metric"]) for r in records if "metric" in r}
+    assert ratios == {(p, f"{m}_over_teacher") for p in ("fp32", "bf16") for m in ("alternating", "parameter_space")}
