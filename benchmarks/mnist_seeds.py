@@ -22,6 +22,12 @@ Each finished row is appended to <out>/rows.jsonl (with the checkpoint's SHA-256
 seconds and `uptime` before and after); a rerun skips rows already there, so an interrupted run resumes.
 The cheap 8-step rows run first (all seeds), then the teacher's 256-step rows (the expensive part: ~10-15
 min per seed at 5,000 samples on the 2-core CPU box). The table says how many seeds each row has.
+
+A row is identified by (row, steps, seed, samples, checkpoint SHA-256), not by --k or --out: the teacher's
+256-step rows of one --out serve another k's --out when copied into its rows.jsonl (benchmarks/README.md,
+"4-step and 1-step students"). The classifier is not in that identity: it is whatever <cwd>/.rayflow/runs/cache
+holds (trained on first use), so copy rows only between runs of the same cache; the table warns when the rows it
+shows were scored with different classifiers.
 """
 
 from __future__ import annotations
