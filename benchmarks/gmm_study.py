@@ -30,6 +30,7 @@ import hashlib
 import json
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -177,7 +178,11 @@ class ProxySW2:
         x = sample("student", student, tuple(self.held_out.shape), self.k, self.schedule,
                    generator=torch.Generator().manual_seed(10_000 + self.seed)).double()
         self.moment_errors.append(component_moment_errors(self.gm, x)["moment_err"])
-        return sliced_wasserstein2(x, self.held_out, generator=torch.Generator().manual_seed(self.seed))
+        sw2 = sliced_wasserstein2(x, self.held_out, generator=torch.Generator().manual_seed(self.seed))
+        # progress on stderr: a long run (updates_x4 is hours on a loaded box) shows its curve before its row
+        print(json.dumps({"proxy": len(self.moment_errors), "seed": self.seed, "k": self.k, "sw2": sw2,
+                          "moment_err": self.moment_errors[-1]}), file=sys.stderr, flush=True)
+        return sw2
 
 
 def _teacher_path(args, spec: str, seed: int) -> Path | None:
