@@ -18,7 +18,9 @@ Student rows carry their algorithm; a parameter-space student shows as `<variant
 The `*select` variants keep the student's EMA with the lowest proxy (SW2 of --n-proxy k-step samples against a
 held-out true draw, every --select-every updates and at the end; `ProxySW2`); their rows carry the proxy
 `curve` [(update, SW2)], `curve_moment` [(update, moment error of the same samples)] and `selected_update`, and
-the tables list the selected update per seed.
+the tables list the selected update per seed. A select variant also scores its last checkpoint as the variant it
+selects on (`select` gives a `baseline` row, `updates_x4_select` an `updates_x4` row; same training, so the same
+row a separate run gives, marked `scored_by`): no need to run both.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -142,11 +145,19 @@ def run_spec_seed(spec: str, seed: int, args: argparse.Namespace, emit) -> None:
             selection = lab.Selection(proxy, args.select_every) if selecting else None
             student = lab.distill(teacher, data, schedule, algorithm=args.algorithm, student_steps=k, seed=seed,
                                   select=selection, **distill_kwargs(base, VARIANTS[name]))
-            extra = {} if selection is None else {
-                "curve": selection.curve, "selected_update": selection.selected_update,
-                "curve_moment": [(u, m) for (u, _), m in zip(selection.curve, proxy.moment_errors)]}
-            score(name, k, student, "student", algorithm=args.algorithm, train_s=round(time.perf_counter() - t0, 1),
-                  **extra)
+            train_s = round(time.perf_counter() - t0, 1)
+            extra = {}
+            if selecting:  # the last checkpoint is the unselected variant's student: its row, without a rerun
+                score(unselected(name), k, proxy.scored, "student", algorithm=args.algorithm, train_s=train_s,
+                      scored_by=name)
+                extra = {"curve": selection.curve, "selected_update": selection.selected_update,
+                         "curve_moment": [(u, m) for (u, _), m in zip(selection.curve, proxy.moment_errors)]}
+            score(name, k, student, "student", algorithm=args.algorithm, train_s=train_s, **extra)
+
+
+def unselected(name: str) -> str:
+    """The variant a select variant selects on ('select' -> 'baseline', 'aux_x2_select' -> 'aux_x2')."""
+    return "baseline" if name == "select" else name.removesuffix("_select")
 
 
 class ProxySW2:
@@ -154,17 +165,24 @@ class ProxySW2:
     (not the evaluation reference, so selection does not fit the score it is judged by). The noise and the
     projections are fixed per seed, so the curve compares checkpoints, not draws. On the side it records the same
     samples' component-wise moment error against the exact mixture (`moment_errors`, in proxy order: does the
-    proxy track the moment metric?); selection never reads it."""
+    proxy track the moment metric?); selection never reads it. `scored` is the module it scored last: after
+    `distill`, the final EMA, i.e. the student the same run without selection returns."""
 
     def __init__(self, gm: GaussianMixture, held_out: torch.Tensor, k: int, schedule, seed: int):
         self.gm, self.held_out, self.k, self.schedule, self.seed = gm, held_out, k, schedule, seed
         self.moment_errors: list[float] = []
+        self.scored = None
 
     def __call__(self, student) -> float:
+        self.scored = student
         x = sample("student", student, tuple(self.held_out.shape), self.k, self.schedule,
                    generator=torch.Generator().manual_seed(10_000 + self.seed)).double()
         self.moment_errors.append(component_moment_errors(self.gm, x)["moment_err"])
-        return sliced_wasserstein2(x, self.held_out, generator=torch.Generator().manual_seed(self.seed))
+        sw2 = sliced_wasserstein2(x, self.held_out, generator=torch.Generator().manual_seed(self.seed))
+        # progress on stderr: a long run (updates_x4 is hours on a loaded box) shows its curve before its row
+        print(json.dumps({"proxy": len(self.moment_errors), "seed": self.seed, "k": self.k, "sw2": sw2,
+                          "moment_err": self.moment_errors[-1]}), file=sys.stderr, flush=True)
+        return sw2
 
 
 def _teacher_path(args, spec: str, seed: int) -> Path | None:

@@ -4,6 +4,7 @@ break them without any other test noticing). Tiny sizes: this checks that they r
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -110,3 +111,31 @@ def test_gpu_profile_runs_without_ray_or_hydra(tmp_path):
     assert all(r["images_per_s"] > 0 and r["updates"] == 2 for r in steps.values())
     ratios = {(r["precision"], r["metric"]) for r in records if "metric" in r}
     assert ratios == {(p, f"{m}_over_teacher") for p in ("fp32", "bf16") for m in ("alternating", "parameter_space")}
+
+
+def test_gmm_study_select_variant_records_its_proxy_curve_and_selected_update(tmp_path, capsys):
+    gs = _import("gmm_study")
+    tiny = ["--specs", "gmm2d", "--seeds", "0,1", "--k", "2", "--n-eval", "300", "--out", str(tmp_path),
+            "--base-args", "--width 16 --depth 1 --teacher-iters 20 --batch 32 --distill-iters 6 --n-train 500"]
+    with pytest.raises(SystemExit, match="--n-proxy 400 exceeds --n-eval 300"):  # refused before any training
+        gs.main([*tiny, "--variants", "select", "--n-proxy", "400"])
+    assert not (tmp_path / "rows.jsonl").exists()
+    gs.main([*tiny, "--variants", "baseline,select", "--n-proxy", "200", "--select-every", "4"])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    selected = [r for r in rows if r["method"] == "select"]
+    assert [r["seed"] for r in selected] == [0, 1]
+    for r in selected:
+        assert [u for u, _ in r["curve"]] == [u for u, _ in r["curve_moment"]] == [4, 6]
+        assert r["selected_update"] == min(r["curve"], key=lambda c: c[1])[0]
+    assert not any("curve" in r for r in rows if r["method"] != "select")
+    # the select run's last checkpoint is the baseline student: the same row as the baseline's own run
+    for seed in (0, 1):
+        plain, last = [r for r in rows if r["method"] == "baseline" and r["seed"] == seed]
+        timeless = {key: value for key, value in last.items() if key not in ("train_s", "scored_by")}
+        assert last["scored_by"] == "select" and timeless == {k: v for k, v in plain.items() if k != "train_s"}
+    capsys.readouterr()
+    gs.main(["--summarize", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| select | 2 |" in out
+    assert (f"select: selected update per seed: seed 0: {selected[0]['selected_update']} of 6, "
+            f"seed 1: {selected[1]['selected_update']} of 6") in out
