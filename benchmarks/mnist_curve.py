@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=5000)
     p.add_argument("--seeds", type=ints, default=[17, 18, 19], help="noise seeds of the final rows (eval.seed)")
     p.add_argument("--teacher-steps", type=int, default=256)
+    p.add_argument("--skip-teacher", action="store_true",
+                   help="no teacher rows (on a CPU its 256-step rows cost an hour): compare with teacher rows scored "
+                        "elsewhere with the classifier whose SHA-256 meta.json records (e.g. mnist_study.py's)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mnist_curve")
     p.add_argument("--export", action="store_true", help="also save each selected student to <out>")
     args = p.parse_args(argv)
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
 
     t = job.teacher
     teacher = load_teacher(t.checkpoint, job.model, job.data, sha256=t.sha256, device=device, teacher=t)
-    for seed in args.seeds:
+    for seed in [] if args.skip_teacher else args.seeds:
         emit({"kind": "final", "method": "teacher_ancestral", "k": args.teacher_steps,
               **score(teacher, "ancestral", args.teacher_steps, args.eval_samples, seed)})
         for k in args.ks:

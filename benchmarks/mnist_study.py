@@ -6,7 +6,8 @@ alternating moment matching from the shipped teacher) plus the Hydra overrides b
 `mnist_seeds.py` (the public `python -m rayflow.evaluate`, one subprocess per row and noise seed) at --samples
 samples for each of --seeds, beside the teacher's 256-step ancestral sampler and k-step DDIM on the same noise.
 The table gives, per variant, FD mean ± std over noise seeds and two paired ratios (same noise seed, same
-class labels): to the teacher-256 and to the baseline student. The noise seeds measure sampling noise only; the
+class labels): to the teacher-256 and to the baseline student of the same run.seed (`baseline`, or `train_seed_1`
+for a variant that sets run.seed=1). The noise seeds measure sampling noise only; the
 `train_seed_1` variant (the baseline with another run.seed: other initial noise, batches and timesteps) gives
 one measure of the training-run spread, against which a variant's gap to the baseline has to be read.
 
@@ -40,6 +41,8 @@ VARIANTS: dict[str, list[str]] = {
     "train_seed_1": ["run.seed=1"],  # the training-run spread of the baseline itself
     "aux_x2": ["distill.aux_per_student=2"],  # 2 aux updates per student update, same total updates
     "aux_x2_images_x1.5": ["distill.aux_per_student=2", "distill.train_images=90000"],  # baseline's student updates
+    "aux_x3": ["distill.aux_per_student=3"],
+    "aux_x2_train_seed_1": ["distill.aux_per_student=2", "run.seed=1"],  # aux_x2 against train_seed_1
     "images_x4": ["distill.train_images=240000"],
     "lr_x3": ["distill.lr_student=3e-4"],
     "lr_ratio_2": ["distill.lr_ratio=2.0"],
@@ -124,9 +127,18 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
     ddim = by_seed(lambda r: r["row"] == "teacher_ddim" and r["steps"] == a.k)
     students = {v: by_seed(lambda r, sha=t["export_sha256"]: r["row"] == "student" and r["checkpoint_sha256"] == sha)
                 for v, t in trained.items()}
-    base = students.get("baseline", {})
-    out, lines = [], ["| variant | overrides | seeds | FD | FD / teacher-256 | FD / baseline | precision | recall "
-                      "| class accuracy | training s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def baseline_of(variant: str) -> dict[int, dict]:
+        """The rows of the baseline with the variant's training seed (its run.seed override, if any); a variant
+        that only changes run.seed (train_seed_1) against `baseline`: the training-run spread."""
+        seed = [o for o in VARIANTS[variant] if o.startswith("run.seed=")]
+        if seed == VARIANTS[variant]:
+            return students.get("baseline", {})
+        return next((students[v] for v, o in VARIANTS.items() if o == seed and v in students), {})
+
+    out, lines = [], ["| variant | overrides | seeds | FD | FD / teacher-256 | FD / baseline of its run.seed "
+                      "| precision | recall | class accuracy | training s |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     table = [("teacher, ancestral 256", None, teacher), (f"teacher, DDIM {a.k}", None, ddim)]
     table += [(v, v, students[v]) for v in VARIANTS if v in students]
     for name, variant, got in table:
@@ -134,7 +146,8 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
             continue
         s = sorted(got)
         vs_teacher = [got[x]["fd"] / teacher[x]["fd"] for x in s if x in teacher]
-        vs_base = [got[x]["fd"] / base[x]["fd"] for x in s if x in base] if variant else []
+        base = baseline_of(variant) if variant else {}
+        vs_base = [got[x]["fd"] / base[x]["fd"] for x in s if x in base]
         row = {"variant": name, "seeds": s, "fd": [got[x]["fd"] for x in s], "fd_vs_teacher": vs_teacher,
                "fd_vs_baseline": vs_base, **({"training_s": trained[variant]["wall_s"]} if variant else {})}
         out.append(row)

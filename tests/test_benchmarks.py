@@ -146,9 +146,12 @@ def test_mnist_study_pairs_each_variant_with_the_same_noise_seed_of_teacher_and_
     another checkpoint, sample count or seed never leak in)."""
     ms = _import("mnist_study")
     fd = {("teacher", 17): 0.3, ("teacher", 18): 0.4, ("base", 17): 0.6, ("base", 18): 0.6,
-          ("aux", 17): 0.45, ("aux", 18): 0.3, ("ddim", 17): 1.1, ("ddim", 18): 1.2}
-    sha = {"teacher": "t" * 64, "base": "b" * 64, "aux": "a" * 64, "ddim": "t" * 64}
-    row = {"teacher": "teacher_ancestral", "base": "student", "aux": "student", "ddim": "teacher_ddim"}
+          ("aux", 17): 0.45, ("aux", 18): 0.3, ("ddim", 17): 1.1, ("ddim", 18): 1.2,
+          ("base1", 17): 0.5, ("base1", 18): 0.5, ("aux1", 17): 0.4, ("aux1", 18): 0.45}
+    sha = {"teacher": "t" * 64, "base": "b" * 64, "aux": "a" * 64, "ddim": "t" * 64, "base1": "1" * 64,
+           "aux1": "2" * 64}
+    row = {"teacher": "teacher_ancestral", "ddim": "teacher_ddim"}
+    row |= {who: "student" for who in sha if who not in row}
 
     def line(who, seed, samples=5000, value=None):
         return {"row": row[who], "steps": 256 if who == "teacher" else 8, "seed": seed, "samples": samples,
@@ -159,13 +162,17 @@ def test_mnist_study_pairs_each_variant_with_the_same_noise_seed_of_teacher_and_
     rows += [line("aux", 19, value=99.0), line("aux", 17, samples=1000, value=99.0)]  # other seed / sample count
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     trained = [{"variant": "baseline", "export_sha256": sha["base"], "wall_s": 200.0},
-               {"variant": "aux_x2", "export_sha256": sha["aux"], "wall_s": 210.0}]
+               {"variant": "aux_x2", "export_sha256": sha["aux"], "wall_s": 210.0},
+               {"variant": "train_seed_1", "export_sha256": sha["base1"], "wall_s": 200.0},
+               {"variant": "aux_x2_train_seed_1", "export_sha256": sha["aux1"], "wall_s": 200.0}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trained))
     out = {r["variant"]: r for r in ms.main(["--summarize", "--out", str(tmp_path), "--seeds", "17,18"])}
     assert out["aux_x2"]["fd"] == [0.45, 0.3]
     assert out["aux_x2"]["fd_vs_teacher"] == pytest.approx([1.5, 0.75])
     assert out["aux_x2"]["fd_vs_baseline"] == pytest.approx([0.75, 0.5])
     assert out["baseline"]["fd_vs_baseline"] == pytest.approx([1.0, 1.0])
+    assert out["aux_x2_train_seed_1"]["fd_vs_baseline"] == pytest.approx([0.8, 0.9])  # against train_seed_1
+    assert out["train_seed_1"]["fd_vs_baseline"] == pytest.approx([5 / 6, 5 / 6])  # the training-run spread
     assert out["teacher, DDIM 8"]["fd_vs_teacher"] == pytest.approx([1.1 / 0.3, 3.0])
     assert "| aux_x2 | distill.aux_per_student=2 | 2 | 0.375 ± 0.106 | 1.12 ± 0.53 | 0.62 ± 0.18 |" in (
         capsys.readouterr().out)
