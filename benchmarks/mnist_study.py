@@ -42,7 +42,9 @@ VARIANTS: dict[str, list[str]] = {
     "aux_x2": ["distill.aux_per_student=2"],  # 2 aux updates per student update, same total updates
     "aux_x2_images_x1.5": ["distill.aux_per_student=2", "distill.train_images=90000"],  # baseline's student updates
     "aux_x3": ["distill.aux_per_student=3"],
+    "train_seed_2": ["run.seed=2"],
     "aux_x2_train_seed_1": ["distill.aux_per_student=2", "run.seed=1"],  # aux_x2 against train_seed_1
+    "aux_x2_train_seed_2": ["distill.aux_per_student=2", "run.seed=2"],
     "images_x4": ["distill.train_images=240000"],
     "lr_x3": ["distill.lr_student=3e-4"],
     "lr_ratio_2": ["distill.lr_ratio=2.0"],
@@ -156,11 +158,27 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
                      f"{_ms(vs_base, 2)} | " + " | ".join(_ms([got[x][k] for x in s], 3)
                                                         for k in ("precision", "recall", "accuracy"))
                      + f" | {row.get('training_s', '')} |")
+    lines += ["", *arms(out)]
     clf = {r["classifier_sha256"] for r in rows}
     text = "\n".join(lines)
     if len(clf) > 1:
         text += f"\n\nWARNING: rows were scored with different classifiers: {sorted(clf)}"
     return out, text
+
+
+def arms(out: list[dict]) -> list[str]:
+    """Variants that differ only in run.seed, pooled: per arm, the mean ± std over training runs of each run's
+    noise-seed mean FD and FD / teacher-256 (the spread a default change has to beat)."""
+    groups: dict[str, list[dict]] = {}
+    for r in out:
+        if r["variant"] in VARIANTS and r["fd_vs_teacher"]:
+            knobs = [o for o in VARIANTS[r["variant"]] if not o.startswith("run.seed=")]
+            groups.setdefault(" ".join(knobs) or "(the demo)", []).append(r)
+    lines = ["| arm (overrides other than run.seed) | training runs | FD | FD / teacher-256 |", "|---|---:|---:|---:|"]
+    for arm, rs in groups.items():
+        lines.append(f"| {arm} | {len(rs)} | {_ms([statistics.fmean(r['fd']) for r in rs], 3)} | "
+                     f"{_ms([statistics.fmean(r['fd_vs_teacher']) for r in rs], 2)} |")
+    return lines
 
 
 def main(argv=None) -> list[dict]:
