@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-iters", type=int, default=1200, help="optimizer updates per distillation run")
     p.add_argument("--lr-student", type=float, default=1e-4)
     p.add_argument("--lr-ratio", type=float, default=1.0, help="lr_aux / lr_student (alternating)")
+    p.add_argument("--aux-per-student", type=int, default=2,
+                   help="alternating: aux updates per student update (2: distill.aux_per_student's default; 1: the "
+                        "paper's strict alternation)")
     p.add_argument("--weighting", default="snr_plus_one")
     p.add_argument("--s-sampling", default="mixed")
     p.add_argument("--seed", type=int, default=0, help="the one seed, unless --seeds is given")
@@ -154,7 +157,7 @@ def run_seed(args: argparse.Namespace, gm: GaussianMixture, seed: int, samples_d
             student = lab.distill(
                 teacher, data, schedule, algorithm=algorithm, student_steps=k, train_steps=args.distill_iters,
                 batch=args.batch, lr_student=args.lr_student, lr_ratio=args.lr_ratio, weighting=args.weighting,
-                s_sampling=args.s_sampling, seed=seed,
+                s_sampling=args.s_sampling, aux_per_student=args.aux_per_student, seed=seed,
             )
             timings[f"distill_{algorithm}_{k}_s"] = time.perf_counter() - t0
             run_sampler("student", student, k, f"student_{algorithm}")

@@ -178,6 +178,8 @@ def test_mnist_study_pairs_each_variant_with_the_same_noise_seed_of_teacher_and_
     assert "| aux_x2 | distill.aux_per_student=2 | 2 | 0.375 ± 0.106 | 1.12 ± 0.53 | 0.62 ± 0.18 |" in text
     # arms pool the training runs: aux_x2 at run.seed 0 and 1 (noise-seed means 0.375 and 0.425)
     assert "| distill.aux_per_student=2 | 2 | 0.400 ± 0.035 |" in text
-    assert "| (the demo) | 2 | 0.550 ± 0.071 |" in text
+    assert "| (the demo, 1:1) | 2 | 0.550 ± 0.071 |" in text
+    assert ms.overrides("baseline") == ["distill.aux_per_student=1"]  # the study's baseline is 1:1 whatever the default
+    assert ms.overrides("aux_x2_train_seed_1") == ["distill.aux_per_student=2", "run.seed=1"]
     with pytest.raises(SystemExit):
         ms.main(["--variants", "no_such_knob", "--summarize"])
