@@ -119,7 +119,9 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def run_one(a: argparse.Namespace, job: dict, out_dir: Path) -> dict:
-    metrics_file = out_dir / "eval" / f"{job['row']}-{job['steps']}steps-seed{job['seed']}-n{job['samples']}.json"
+    # the checkpoint's SHA-256 in the name: several students scored into one --out (mnist_study.py) keep theirs
+    metrics_file = out_dir / "eval" / (f"{job['row']}-{job['steps']}steps-seed{job['seed']}-n{job['samples']}-"
+                                       f"{job['checkpoint_sha256'][:8]}.json")
     cmd = [a.python, "-m", "rayflow.evaluate", f"eval.checkpoint={job['checkpoint']}", f"eval.model={job['model']}",
            f"eval.sampler={job['sampler']}", f"eval.steps={job['steps']}", f"eval.samples={job['samples']}",
            f"eval.seed={job['seed']}", f"eval.workers={a.workers}", f"run.eval_batch={a.eval_batch}",
