@@ -32,7 +32,7 @@ def test_recipe_composes_with_the_published_settings(recipe):
     assert job.task == "distill" and t.adapter == adapter and t.net["_target_"]
     assert (job.data.source, job.data.resolution, job.data.random_flip) == ("image_folder", res, flip)
     assert (job.data.channels, job.data.num_classes) == (3, 1000)
-    assert d.algorithm == "alternating" and d.steps == 8
+    assert d.algorithm == "alternating" and d.steps == 8 and d.aux_per_student == 1
     assert (d.beta1, d.beta2, d.adam_eps) == (0.0, 0.99, 1e-12)
     assert d.lr_student == 2e-6 and job.data.batch_size == 2048
     assert d.grad_clip == 1.0 and 0.99 < d.ema_decay < 1.0
@@ -74,8 +74,8 @@ def test_recipe_runs_a_few_steps_on_ray(ray_cluster, tmp_path, recipe):
     job = _job(
         f"experiment={recipe}", f"data.path={spec.root}", f"teacher.checkpoint={teacher_path}",
         "~teacher.net", f"+teacher.net={tiny}", *STAND_IN[recipe],
-        # the sizes shrunk: 16 px, 4 images a batch, 3 updates (aux, aux, student) on one CPU worker
-        "data.resolution=16", "data.batch_size=4", "distill.train_images=12", "resources.num_workers=1",
+        # the sizes shrunk: 16 px, 4 images a batch, 2 updates (aux, student: the recipe's 1:1) on one CPU worker
+        "data.resolution=16", "data.batch_size=4", "distill.train_images=8", "resources.num_workers=1",
         "resources.use_gpu=false", "resources.cpus_per_worker=0.5", "resources.torch_threads=1",
         "resources.max_failures=0", "run.report_every_images=4", "run.checkpoint_every_images=8",
         "run.eval_every_images=0", f"run.storage_path={tmp_path / 'runs'}",
