@@ -3,8 +3,8 @@
 Each variant is the default main job (`python -m rayflow.train`: the offline MNIST demo, 60,000 images,
 alternating moment matching from the shipped teacher) as the study measured it, BASE (the paper's 1:1
 alternation, the default until this study made it 2), plus the Hydra overrides below, under the run name
-`study-<variant>` (so the exports do not overwrite each other). Its exported student is then scored by
-`mnist_seeds.py` (the public `python -m rayflow.evaluate`, one subprocess per row and noise seed) at --samples
+`study-<variant>` (`study-k<k>-<variant>` at another --k), so the exports do not overwrite each other. Its
+exported student is then scored by `mnist_seeds.py` (the public `python -m rayflow.evaluate`, one subprocess per row and noise seed) at --samples
 samples for each of --seeds, beside the teacher's 256-step ancestral sampler and k-step DDIM on the same noise.
 The table gives, per variant, FD mean ± std over noise seeds and two paired ratios (same noise seed, same
 class labels): to the teacher-256 and to the baseline student of the same run.seed (`baseline`, or `train_seed_1`
@@ -15,7 +15,7 @@ one measure of the training-run spread, against which a variant's gap to the bas
     python benchmarks/mnist_study.py --variants baseline,aux_x2      # train what is missing, score, table
     python benchmarks/mnist_study.py --summarize                     # the table from <out>/rows.jsonl
 
-Everything resumes: a variant whose export exists is not retrained (delete .rayflow/runs/study-<v> to redo it),
+Everything resumes: a variant whose export exists is not retrained (delete its .rayflow/runs/<run name> to redo it),
 and mnist_seeds.py skips rows already in <out>/rows.jsonl (a row is identified by its checkpoint's SHA-256,
 steps, seed and samples), so the teacher's 256-step rows (10-20 min per seed) are scored once for all variants;
 copy them in from another rows.jsonl of the same classifier (see mnist_seeds.py) to skip even that.
@@ -80,8 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def run_name(a: argparse.Namespace, variant: str) -> str:
+    """The variant's run name: a 4-step student must not reuse the 8-step student's export."""
+    return f"study-{variant}" if a.k == 8 else f"study-k{a.k}-{variant}"
+
+
 def export_path(a: argparse.Namespace, variant: str) -> Path:
-    return a.cwd / ".rayflow" / "runs" / f"study-{variant}" / "export" / "student.safetensors"
+    return a.cwd / ".rayflow" / "runs" / run_name(a, variant) / "export" / "student.safetensors"
 
 
 def overrides(variant: str) -> list[str]:
@@ -95,7 +100,7 @@ def train(a: argparse.Namespace, variant: str) -> Path:
     path = export_path(a, variant)
     if path.is_file():
         return path
-    cmd = [a.python, "-m", "rayflow.train", f"run.name=study-{variant}", f"distill.steps={a.k}",
+    cmd = [a.python, "-m", "rayflow.train", f"run.name={run_name(a, variant)}", f"distill.steps={a.k}",
            *a.overrides.split(), *overrides(variant)]
     print(f"mnist_study: training {variant} ({time.strftime('%H:%M:%S')}; {mnist_seeds.uptime()}): "
           + " ".join(cmd), file=sys.stderr, flush=True)

@@ -181,5 +181,7 @@ def test_mnist_study_pairs_each_variant_with_the_same_noise_seed_of_teacher_and_
     assert "| (the demo, 1:1) | 2 | 0.550 ± 0.071 |" in text
     assert ms.overrides("baseline") == ["distill.aux_per_student=1"]  # the study's baseline is 1:1 whatever the default
     assert ms.overrides("aux_x2_train_seed_1") == ["distill.aux_per_student=2", "run.seed=1"]
+    # a 4-step study trains its own students: it must not find and score the 8-step study's export
+    assert ms.export_path(ms.parse_args(["--k", "4"]), "aux_x2") != ms.export_path(ms.parse_args([]), "aux_x2")
     with pytest.raises(SystemExit):
         ms.main(["--variants", "no_such_knob", "--summarize"])
