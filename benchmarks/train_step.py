@@ -2,7 +2,8 @@
 
     python benchmarks/train_step.py [--res 16] [--batch 64] [--updates 60] [--channels 16] [--out FILE.json]
                                     [--plain-updates 30] [--warmup 4] [--report-every 10]
-                                    [--model NAME] [--channels-last] [--skip-ray [--compile] [--ab OPTION]]
+                                    [--model NAME] [--channels-last] [--repeats R]
+                                    [--skip-ray [--compile] [--ab OPTION]]
 
 Both parts use the same model (a UNet, model.channels wide, channel_mult [1, 2], no attention levels, so
 only the mid block's self-attention, as conf/model/unet_tiny.yaml; or --model, a conf/model/ option, e.g.
@@ -29,7 +30,9 @@ drifts this is the comparison to trust, not two separate runs.
    The first report window includes dataset start-up and is left out of the steady state; the steady
    seconds/update is the windows' total time over their updates (`compute_only` also takes out the time
    spent waiting for batches). It is compared with the plain alternating loop of part 1 and with a
-   second plain run after Ray has shut down (the machine's load drifts; the ratio uses both).
+   second plain run after Ray has shut down (the machine's load drifts; the ratio uses both). --repeats R runs
+   R Ray runs, each followed by a plain one (plain, Ray, plain, ..., Ray, plain), a ratio per Ray run against
+   the plain runs on either side of it, and their mean ± std: one pair cannot resolve 5% on a drifting host.
    fit() wall time is split into startup (fit() start to the first report, less the first window's
    updates at the steady rate), teardown (last report to fit() return) and the rest.
 3. Pass costs: a no-grad forward F against a teacher update T, interleaved; alternating's updates each make one
@@ -284,9 +287,11 @@ def report_collector(path: str):
 
 def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[str, Any]:
     """One run_training('distill') on a fresh local Ray cluster; its timings from the per-report metrics."""
-    ray_tmp = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    # short: Ray's socket paths must stay < 108 bytes; a fresh one per cluster (--repeats starts several)
+    ray_tmp = None if os.environ.get("RAY_TMPDIR") else tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # else every report blocks ~2 s
-    os.environ.setdefault("RAY_TMPDIR", ray_tmp)
+    if ray_tmp:
+        os.environ["RAY_TMPDIR"] = ray_tmp
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import ray
@@ -307,7 +312,9 @@ def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[s
         t_end = time.time()
     finally:
         ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if ray_tmp:
+            del os.environ["RAY_TMPDIR"]
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
     with open(reports_path) as f:
         reports = [json.loads(line) for line in f]
@@ -349,6 +356,23 @@ def ray_fit(args: argparse.Namespace, teacher_path: str, storage: str) -> dict[s
     }
 
 
+def ray_over_plain(fit: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train run against the plain alternating loop timed just before and just after it (their updates
+    pooled: the machine's load drifts between the two)."""
+    plain_s = (before["s_per_update"] * before["updates"] + after["s_per_update"] * after["updates"]) / (
+        before["updates"] + after["updates"])
+    bests = [r["best_window_s"] for r in (before, after) if r["best_window_s"]]
+    return {
+        "plain_s_per_update": round(plain_s, 4),
+        "ratio": round(fit["s_per_update"] / plain_s, 3),
+        "compute_only_ratio": round(fit["compute_only_s_per_update"] / plain_s, 3),
+        # CPU seconds of the step itself: ~1 means the worker computes the same; the rest of the wall-time
+        # ratio is the step waiting (for a core, or for the GIL held by the worker's other threads)
+        "cpu_ratio": round(fit["cpu_s_per_update"] / after["cpu_s_per_update"], 3),
+        "best_window_ratio": round(fit["best_window_s_per_update"] / min(bests), 3) if bests else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--res", type=int, default=16)
@@ -359,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="untimed in-process updates per method")
     parser.add_argument("--report-every", type=int, default=10, help="updates per Ray Train report window")
     parser.add_argument("--out", help="also write all records to this JSON file")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Ray Train runs, each followed by a plain run (plain, Ray, plain, Ray, ..., plain): "
+                             "a ratio per Ray run against the plain runs on either side, and their mean ± std")
     parser.add_argument("--skip-ray", action="store_true", help="only the in-process part (1) and the pass costs (3)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default malloc settings in both loops (resources.keep_freed_memory=false)")
@@ -372,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.compile or args.ab) and not args.skip_ray:
         parser.error("--compile and --ab time the in-process part only; add --skip-ray")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.ab and getattr(args, args.ab):
         parser.error(f"--ab {args.ab} already compares without and with --{args.ab.replace('_', '-')}")
     if args.model and not os.path.exists(os.path.join(MODELS, f"{args.model}.yaml")):
@@ -412,11 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         costs = None if args.ab else pass_costs(args, tmp, args.plain_updates)
         if costs:
             emit({**costs, **common})
-        if not args.skip_ray:
-            ray_result = ray_fit(args, teacher_path, os.path.join(tmp, "runs"))
-            emit({**ray_result, **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
-            after = plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"]
-            emit({**after, "measure": "plain_step_after_ray", **common, "loadavg_1m": round(os.getloadavg()[0], 2)})
+        # Ray runs alternate with plain ones: plain, Ray, plain, Ray, ..., plain; each Ray run is compared with
+        # the plain runs on either side of it
+        fits, plains = [], [plain["alternating"]]
+        for r in range(0 if args.skip_ray else args.repeats):
+            tag = {"repeat": r} if args.repeats > 1 else {}
+            fits.append(ray_fit(args, teacher_path, os.path.join(tmp, f"runs-{r}")))
+            emit({**fits[-1], **common, **tag, "loadavg_1m": round(os.getloadavg()[0], 2)})
+            plains.append(plain_steps(args, teacher_path, tmp, ("alternating",), args.plain_updates)["alternating"])
+            emit({**plains[-1], "measure": "plain_step_after_ray", **common, **tag,
+                  "loadavg_1m": round(os.getloadavg()[0], 2)})
 
     for suffix in ("", f"+{args.ab}") if args.ab else ("",):
         for record in step_ratios(plain, suffix, None if suffix else costs):
@@ -424,27 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.ab:
         for record in ab_ratios(plain, args.ab):
             emit(record)
-    alt_s = plain["alternating"]["s_per_update"]
-    if not args.skip_ray:
-        plain_alt = (alt_s * plain["alternating"]["updates"] + after["s_per_update"] * after["updates"]) / (
-            plain["alternating"]["updates"] + after["updates"]
-        )
-        bests = [r["best_window_s"] for r in (plain["alternating"], after) if r["best_window_s"]]
-        plain_best = min(bests) if bests else None
-        emit(
-            {
-                "bench": BENCH,
-                "metric": "ray_worker_over_plain_loop",
-                "plain_s_per_update": round(plain_alt, 4),
-                "ratio": round(ray_result["s_per_update"] / plain_alt, 3),
-                "compute_only_ratio": round(ray_result["compute_only_s_per_update"] / plain_alt, 3),
-                # CPU seconds of the step itself: ~1 means the worker computes the same; the rest of the wall-time
-                # ratio is the step waiting (for a core, or for the GIL held by the worker's other threads)
-                "cpu_ratio": round(ray_result["cpu_s_per_update"] / after["cpu_s_per_update"], 3),
-                "best_window_ratio": (round(ray_result["best_window_s_per_update"] / plain_best, 3)
-                                      if plain_best else None),
-            }
-        )
+    ratios = [ray_over_plain(fit, before, after) for fit, before, after in zip(fits, plains, plains[1:])]
+    for r, ratio in enumerate(ratios):
+        emit({"bench": BENCH, "metric": "ray_worker_over_plain_loop", **ratio,
+              **({"repeat": r} if args.repeats > 1 else {})})
+    if len(ratios) > 1:
+        emit({"bench": BENCH, "metric": "ray_worker_over_plain_loop_repeats", "repeats": len(ratios),
+              **{f"{k}_{stat}": round(fn([r[k] for r in ratios]), 3)
+                 for k in ("ratio", "compute_only_ratio", "cpu_ratio") for stat, fn in (("mean", statistics.fmean),
+                                                                                     ("std", statistics.stdev))}})
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "records": records}, f, indent=1)
