@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,15 @@ def _rows(ds: ray.data.Dataset) -> list[dict]:
     return list(ds.iter_rows())
 
 
+def _read_fused_with_decode(ds: ray.data.Dataset, capsys: pytest.CaptureFixture) -> bool:
+    """Whether Ray runs the source's read and decode as one task (an unfused decode gets the encoded bytes through
+    the object store: benchmarks/README.md, "Ingest")."""
+    capsys.readouterr()
+    ds.explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+    return re.search(r"\[Read\w*->MapBatches\(decode_in_chunks\)", optimized) is not None
+
+
 def _images(n: int, h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
@@ -54,10 +64,12 @@ def test_find_classes_sorted(image_folder_spec: ImageFolderSpec) -> None:
 
 
 def test_image_folder_decodes_every_good_file_and_skips_the_truncated_one(
-    image_folder_spec: ImageFolderSpec,
+    image_folder_spec: ImageFolderSpec, capsys: pytest.CaptureFixture
 ) -> None:
     log = SkipLog()
-    rows = _rows(image_folder(str(image_folder_spec.root), RES, skip_log=log, include_paths=True))
+    ds = image_folder(str(image_folder_spec.root), RES, skip_log=log, include_paths=True)
+    assert _read_fused_with_decode(ds, capsys)
+    rows = _rows(ds)
     got = {r["path"]: r for r in rows}
     assert got.keys() == image_folder_spec.labels.keys()
     for path, row in got.items():
@@ -100,7 +112,8 @@ def test_image_folder_empty_class_folder_is_an_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- parquet
 
 
-def test_parquet_with_encoded_bytes_decodes_and_skips_corrupt_values(tmp_path: Path) -> None:
+def test_parquet_with_encoded_bytes_decodes_and_skips_corrupt_values(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
     imgs = _images(6, 20, 30, seed=1)
     encoded = [_png(im) for im in imgs]
     encoded[4] = b"\x89PNG broken"
@@ -110,7 +123,9 @@ def test_parquet_with_encoded_bytes_decodes_and_skips_corrupt_values(tmp_path: P
         )
         pq.write_table(table, tmp_path / f"part-{i}.parquet")
     log = SkipLog()
-    rows = sorted(_rows(parquet_shards(str(tmp_path), RES, skip_log=log)), key=lambda r: r["label"])
+    ds = parquet_shards(str(tmp_path), RES, skip_log=log)
+    assert _read_fused_with_decode(ds, capsys)
+    rows = sorted(_rows(ds), key=lambda r: r["label"])
     assert [r["label"] for r in rows] == [0, 1, 2, 3, 5]
     for r in rows:
         np.testing.assert_array_equal(r["image"], center_crop_resize(imgs[r["label"]], RES))
@@ -197,7 +212,7 @@ def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_mixed_jpg_png_and_a_sample_without_label(tmp_path: Path) -> None:
+def test_webdataset_mixed_jpg_png_and_a_sample_without_label(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     imgs = _images(7, 24, 20, seed=4)
     samples = []
     for i, im in enumerate(imgs):
@@ -208,7 +223,9 @@ def test_webdataset_mixed_jpg_png_and_a_sample_without_label(tmp_path: Path) -> 
     _write_tar(tmp_path / "shard-000.tar", samples[:4])
     _write_tar(tmp_path / "shard-001.tar", samples[4:])
     log = SkipLog()
-    rows = _rows(webdataset_shards(str(tmp_path), RES, skip_log=log))
+    ds = webdataset_shards(str(tmp_path), RES, skip_log=log)
+    assert _read_fused_with_decode(ds, capsys)
+    rows = _rows(ds)
     assert Counter(r["label"] for r in rows) == Counter(i % 3 for i in range(6))
     png_rows = {r["image"].tobytes() for r in rows}
     for i in (1, 3, 5):  # PNG samples are lossless: exact pixels

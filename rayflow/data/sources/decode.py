@@ -4,7 +4,7 @@ the bad-file policy of `rayflow.data.sources.skips` for rows that do not decode.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,8 +15,19 @@ from rayflow.data.blocks import image_table
 from rayflow.data.sources.skips import OnError, SkipLog, bad_file_error, report_skipped
 from rayflow.data.transforms import CropMethod, center_crop_resize, decode_image
 
-# Rows per decode batch: enough to amortise per-batch overhead, few enough to keep blocks streaming.
+# Rows per decoded output block: enough to amortise per-batch overhead, few enough to keep blocks streaming.
 DECODE_BATCH_SIZE = 64
+
+
+def decode_in_chunks(batch: dict[str, np.ndarray], *, decode: Callable[..., pa.Table], **kwargs: Any
+                     ) -> Iterator[pa.Table]:
+    """The `map_batches` function of every file source: `decode(chunk, **kwargs)` for each DECODE_BATCH_SIZE rows
+    of a whole read block. Mapped with batch_size=None, it fuses with the read before it: one task reads and
+    decodes (a batch_size makes them two tasks, the encoded bytes passing through the object store between
+    them; benchmarks/README.md, "Ingest"), while its output blocks stay DECODE_BATCH_SIZE rows."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    for start in range(0, n, DECODE_BATCH_SIZE):
+        yield decode({k: v[start : start + DECODE_BATCH_SIZE] for k, v in batch.items()}, **kwargs)
 
 
 class Row(NamedTuple):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from rayflow.data.sources.decode import DECODE_BATCH_SIZE, Row, check_options, decode_rows
+from rayflow.data.sources.decode import Row, check_options, decode_in_chunks, decode_rows
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.skips import OnError, SkipLog
 from rayflow.data.transforms import CropMethod
@@ -82,7 +82,7 @@ def image_folder(
     """Read an ImageNet-layout folder `root/<class>/*.JPEG|*.png...`; labels index `find_classes(root)`.
 
     Files are read with `ray.data.read_binary_files`, decoded by content and centre-cropped/resized
-    to res in `map_batches`. A file that fails to decode is skipped (and recorded in skip_log) or
+    to res in `map_batches` (fused with the read: one task per block of files). A file that fails to decode is skipped (and recorded in skip_log) or
     raises, per on_error. file_shuffle_seed shuffles file order per epoch; include_paths=True adds a
     `path` column (used by `rayflow.prepare`).
     """
@@ -97,8 +97,9 @@ def image_folder(
         shuffle=file_shuffle(file_shuffle_seed),
     )
     return ds.map_batches(
-        _decode_folder_batch,
+        decode_in_chunks,
         fn_kwargs=dict(
+            decode=_decode_folder_batch,
             base=base,
             class_index={c: i for i, c in enumerate(class_files)},
             res=res,
@@ -109,5 +110,5 @@ def image_folder(
             with_paths=include_paths,
         ),
         batch_format="numpy",
-        batch_size=DECODE_BATCH_SIZE,
+        batch_size=None,  # whole read blocks: read and decode fuse into one task (decode_in_chunks)
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayflow.data.sources.decode import DECODE_BATCH_SIZE, Row, check_options, decode_rows
+from rayflow.data.sources.decode import Row, check_options, decode_in_chunks, decode_rows
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.skips import OnError, SkipLog
 from rayflow.data.transforms import CropMethod
@@ -129,11 +129,15 @@ def webdataset_shards(
                 "FIX THIS by rewriting the shard or deleting it (a write that was cut off leaves such files)"
             )
     ds = ray.data.read_webdataset(
-        files, filesystem=fs, decoder=None, include_paths=False, shuffle=file_shuffle(file_shuffle_seed)
+        files, filesystem=fs, decoder=None, include_paths=False, shuffle=file_shuffle(file_shuffle_seed),
+        # one read task per shard: Ray otherwise splits a task's output into blocks after the read, and a split
+        # read cannot fuse with the decode after it (decode_in_chunks)
+        override_num_blocks=len(files),
     )
     return ds.map_batches(
-        _decode_webdataset_batch,
+        decode_in_chunks,
         fn_kwargs=dict(
+            decode=_decode_webdataset_batch,
             image_keys=tuple(k.lower() for k in image_keys),
             label_key=label_key.lower(),
             caption_key=None if caption_key is None else caption_key.lower(),
@@ -144,5 +148,5 @@ def webdataset_shards(
             skip_log=skip_log,
         ),
         batch_format="numpy",
-        batch_size=DECODE_BATCH_SIZE,
+        batch_size=None,  # whole read blocks: read and decode fuse into one task (decode_in_chunks)
     )
