@@ -4,8 +4,9 @@ Each variant is the default main job (`python -m rayflow.train`: the offline MNI
 alternating moment matching from the shipped teacher) as the study measured it, BASE (the paper's 1:1
 alternation, the default until this study made it 2), plus the Hydra overrides below, under the run name
 `study-<variant>` (`study-k<k>-<variant>` at another --k), so the exports do not overwrite each other. Its
-exported student is then scored by `mnist_seeds.py` (the public `python -m rayflow.evaluate`, one subprocess per row and noise seed) at --samples
-samples for each of --seeds, beside the teacher's 256-step ancestral sampler and k-step DDIM on the same noise.
+exported student is then scored by `mnist_seeds.py` (the public `python -m rayflow.evaluate`, one subprocess per
+row and noise seed) at --samples samples for each of --seeds, beside the teacher's 256-step ancestral sampler and
+k-step DDIM on the same noise.
 The table gives, per variant, FD mean ± std over noise seeds and two paired ratios (same noise seed, same
 class labels): to the teacher-256 and to the baseline student of the same run.seed (`baseline`, or `train_seed_1`
 for a variant that sets run.seed=1). The noise seeds measure sampling noise only; the

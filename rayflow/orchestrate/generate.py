@@ -170,5 +170,5 @@ def _warn_if_unschedulable(job: JobConfig, workers: int) -> None:
     for kind, per in (("CPU", job.eval.cpus_per_worker), ("GPU", job.eval.gpus_per_worker)):
         if per and have.get(kind, 0) < workers * per:
             logger.warning("eval.workers=%d x %s %s each exceed the cluster's %s %s; the actors that fit sample, "
-                           "the rest wait for resources. FIX THIS by lowering eval.workers or eval.%s_per_worker", workers, per, kind,
-                           have.get(kind, 0), kind, kind.lower())
+                           "the rest wait for resources. FIX THIS by lowering eval.workers or eval.%s_per_worker",
+                           workers, per, kind, have.get(kind, 0), kind, kind.lower())
