@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.blocks import image_table
@@ -19,12 +20,19 @@ from rayflow.data.transforms import CropMethod, center_crop_resize, decode_image
 DECODE_BATCH_SIZE = 64
 
 
+def map_decode(ds: ray.data.Dataset, decode: Callable[..., pa.Table], **kwargs: Any) -> ray.data.Dataset:
+    """Every file source's decode stage: `decode(chunk, **kwargs)` over the read's blocks, DECODE_BATCH_SIZE rows at
+    a time (`decode_in_chunks`). Mapped over whole blocks (batch_size=None), it fuses with the read before it: one
+    task reads and decodes (a batch_size makes them two tasks, the encoded bytes passing through the object store
+    between them; benchmarks/README.md, "Ingest"), while its output blocks stay DECODE_BATCH_SIZE rows. A read
+    whose output Ray splits into more blocks does not fuse either: read one block per file or shard."""
+    return ds.map_batches(decode_in_chunks, fn_kwargs=dict(kwargs, decode=decode), batch_format="numpy",
+                          batch_size=None)
+
+
 def decode_in_chunks(batch: dict[str, np.ndarray], *, decode: Callable[..., pa.Table], **kwargs: Any
                      ) -> Iterator[pa.Table]:
-    """The `map_batches` function of every file source: `decode(chunk, **kwargs)` for each DECODE_BATCH_SIZE rows
-    of a whole read block. Mapped with batch_size=None, it fuses with the read before it: one task reads and
-    decodes (a batch_size makes them two tasks, the encoded bytes passing through the object store between
-    them; benchmarks/README.md, "Ingest"), while its output blocks stay DECODE_BATCH_SIZE rows."""
+    """`map_decode`'s batch function: `decode(chunk, **kwargs)` for each DECODE_BATCH_SIZE rows of a read block."""
     n = len(next(iter(batch.values()))) if batch else 0
     for start in range(0, n, DECODE_BATCH_SIZE):
         yield decode({k: v[start : start + DECODE_BATCH_SIZE] for k, v in batch.items()}, **kwargs)

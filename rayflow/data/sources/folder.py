@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from rayflow.data.sources.decode import Row, check_options, decode_in_chunks, decode_rows
+from rayflow.data.sources.decode import Row, check_options, decode_rows, map_decode
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.skips import OnError, SkipLog
 from rayflow.data.transforms import CropMethod
@@ -96,19 +96,15 @@ def image_folder(
         include_paths=True,
         shuffle=file_shuffle(file_shuffle_seed),
     )
-    return ds.map_batches(
-        decode_in_chunks,
-        fn_kwargs=dict(
-            decode=_decode_folder_batch,
-            base=base,
-            class_index={c: i for i, c in enumerate(class_files)},
-            res=res,
-            channels=channels,
-            crop=crop,
-            on_error=on_error,
-            skip_log=skip_log,
-            with_paths=include_paths,
-        ),
-        batch_format="numpy",
-        batch_size=None,  # whole read blocks: read and decode fuse into one task (decode_in_chunks)
+    return map_decode(
+        ds,
+        _decode_folder_batch,
+        base=base,
+        class_index={c: i for i, c in enumerate(class_files)},
+        res=res,
+        channels=channels,
+        crop=crop,
+        on_error=on_error,
+        skip_log=skip_log,
+        with_paths=include_paths,
     )

@@ -15,7 +15,7 @@ import ray
 from ray.data.extensions import ArrowTensorType, ArrowTensorTypeV2
 
 from rayflow.data.blocks import image_table
-from rayflow.data.sources.decode import Row, check_options, decode_in_chunks, decode_rows
+from rayflow.data.sources.decode import Row, check_options, decode_rows, map_decode
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.parquet_checks import check_embedding_names, check_parquet_file
 from rayflow.data.sources.skips import OnError, SkipLog
@@ -290,9 +290,4 @@ def parquet_shards(
     )
     if kind == "array":
         return ds.map_batches(_parquet_array_batch, fn_kwargs=common, batch_format="pyarrow")
-    return ds.map_batches(
-        decode_in_chunks,
-        fn_kwargs=dict(common, decode=_parquet_bytes_batch, on_error=on_error, skip_log=skip_log),
-        batch_format="numpy",
-        batch_size=None,  # whole shards: read and decode fuse into one task (decode_in_chunks)
-    )
+    return map_decode(ds, _parquet_bytes_batch, **common, on_error=on_error, skip_log=skip_log)

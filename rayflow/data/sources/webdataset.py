@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rayflow.data.sources.decode import Row, check_options, decode_in_chunks, decode_rows
+from rayflow.data.sources.decode import Row, check_options, decode_rows, map_decode
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.skips import OnError, SkipLog
 from rayflow.data.transforms import CropMethod
@@ -130,23 +130,18 @@ def webdataset_shards(
             )
     ds = ray.data.read_webdataset(
         files, filesystem=fs, decoder=None, include_paths=False, shuffle=file_shuffle(file_shuffle_seed),
-        # one read task per shard: Ray otherwise splits a task's output into blocks after the read, and a split
-        # read cannot fuse with the decode after it (decode_in_chunks)
+        # one block per shard: a read whose output Ray splits does not fuse with the decode (map_decode)
         override_num_blocks=len(files),
     )
-    return ds.map_batches(
-        decode_in_chunks,
-        fn_kwargs=dict(
-            decode=_decode_webdataset_batch,
-            image_keys=tuple(k.lower() for k in image_keys),
-            label_key=label_key.lower(),
-            caption_key=None if caption_key is None else caption_key.lower(),
-            res=res,
-            channels=channels,
-            crop=crop,
-            on_error=on_error,
-            skip_log=skip_log,
-        ),
-        batch_format="numpy",
-        batch_size=None,  # whole read blocks: read and decode fuse into one task (decode_in_chunks)
+    return map_decode(
+        ds,
+        _decode_webdataset_batch,
+        image_keys=tuple(k.lower() for k in image_keys),
+        label_key=label_key.lower(),
+        caption_key=None if caption_key is None else caption_key.lower(),
+        res=res,
+        channels=channels,
+        crop=crop,
+        on_error=on_error,
+        skip_log=skip_log,
     )
