@@ -57,6 +57,10 @@ VARIANTS: dict[str, list[str]] = {
     "ema_0.999": ["distill.ema_decay=0.999"],
     "ema_0.9": ["distill.ema_decay=0.9"],
     "uniform_s": ["distill.s_sampling=uniform"],
+    # 3x the lr on top of the 2:1 default, one per training seed: each against aux_x2 of its run.seed
+    "aux_x2_lr_x3": ["distill.aux_per_student=2", "distill.lr_student=3e-4"],
+    "aux_x2_lr_x3_train_seed_1": ["distill.aux_per_student=2", "distill.lr_student=3e-4", "run.seed=1"],
+    "aux_x2_lr_x3_train_seed_2": ["distill.aux_per_student=2", "distill.lr_student=3e-4", "run.seed=2"],
 }
 
 
@@ -148,16 +152,15 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
                 for v, t in trained.items()}
 
     def baseline_of(variant: str) -> dict[int, dict]:
-        """The rows of the baseline with the variant's training seed (its run.seed override, if any); a variant
-        that only changes run.seed (train_seed_1) against `baseline`: the training-run spread."""
-        seed = [o for o in VARIANTS[variant] if o.startswith("run.seed=")]
-        if seed == VARIANTS[variant]:
-            return students.get("baseline", {})
-        return next((students[v] for v, o in VARIANTS.items() if o == seed and v in students), {})
+        """The rows of the variant's reference: the trained variant with the same run.seed whose other overrides
+        are the largest proper subset of the variant's (aux_x2_lr_x3_train_seed_1 -> aux_x2_train_seed_1 ->
+        train_seed_1); a variant that only changes run.seed (train_seed_1) against `baseline`: the training-run
+        spread."""
+        return students.get(reference(variant, students), {})
 
-    out, lines = [], ["| variant | overrides | seeds | FD | FD / teacher-256 | FD / baseline of its run.seed "
+    out, lines = [], ["| variant | overrides | seeds | FD | FD / teacher-256 | FD / reference | reference "
                       "| precision | recall | class accuracy | training s |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     table = [("teacher, ancestral 256", None, teacher), (f"teacher, DDIM {a.k}", None, ddim)]
     table += [(v, v, students[v]) for v in VARIANTS if v in students]
     for name, variant, got in table:
@@ -171,16 +174,30 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
                "fd_vs_baseline": vs_base, **({"training_s": trained[variant]["wall_s"]} if variant else {})}
         out.append(row)
         knobs = " ".join(VARIANTS[variant]) or "(the demo, 1:1)" if variant else ""
+        ref = reference(variant, students) if variant else ""
+        quality = " | ".join(_ms([got[x][k] for x in s], 3) for k in ("precision", "recall", "accuracy"))
         lines.append(f"| {name} | {knobs} | {len(s)} | {_ms(row['fd'], 3)} | {_ms(vs_teacher, 2)} | "
-                     f"{_ms(vs_base, 2)} | " + " | ".join(_ms([got[x][k] for x in s], 3)
-                                                        for k in ("precision", "recall", "accuracy"))
-                     + f" | {row.get('training_s', '')} |")
+                     f"{_ms(vs_base, 2)} | {ref} | {quality} | {row.get('training_s', '')} |")
     lines += ["", *arms(out)]
     clf = {r["classifier_sha256"] for r in rows}
     text = "\n".join(lines)
     if len(clf) > 1:
         text += f"\n\nWARNING: rows were scored with different classifiers: {sorted(clf)}"
     return out, text
+
+
+def reference(variant: str, trained=None) -> str:
+    """The variant that `variant` is paired with (see summarize): same run.seed, the largest proper subset of its
+    other overrides among the `trained` variants (all of VARIANTS by default)."""
+    def split(v: str) -> tuple[frozenset, list[str]]:
+        return frozenset(o for o in VARIANTS[v] if not o.startswith("run.seed=")), \
+            [o for o in VARIANTS[v] if o.startswith("run.seed=")]
+
+    knobs, seed = split(variant)
+    if not knobs:
+        return "baseline"
+    nested = [v for v in (trained or VARIANTS) if split(v)[1] == seed and split(v)[0] < knobs]
+    return max(nested, key=lambda v: len(split(v)[0]), default="baseline")
 
 
 def arms(out: list[dict]) -> list[str]:
