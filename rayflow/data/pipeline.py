@@ -31,7 +31,7 @@ COND_COLUMN = "cond"
 
 # Ray Data counts the finished executions (epochs) of a dataset in its DataContext and hands that
 # context to every task; RandomSeedConfig/FileShuffleConfig(reseed_after_execution=True) read the same
-# counter. It is private in Ray 2.60, so build_train_dataset checks that it exists.
+# counter (as does rayflow.data.sources.files). It is private in Ray 2.60, so build_train_dataset checks that it exists.
 _EPOCH_ATTR = "_execution_idx"
 
 

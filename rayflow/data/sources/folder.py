@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 import ray
 
 from rayflow.data.sources.decode import Row, check_options, decode_rows, map_decode
+from rayflow.data.sources.files import FileBytesDatasource
 from rayflow.data.sources.listing import file_shuffle, list_files, resolve_filesystem
 from rayflow.data.sources.skips import OnError, SkipLog
 from rayflow.data.transforms import CropMethod
@@ -81,7 +82,8 @@ def image_folder(
 ) -> ray.data.Dataset:
     """Read an ImageNet-layout folder `root/<class>/*.JPEG|*.png...`; labels index `find_classes(root)`.
 
-    Files are read with `ray.data.read_binary_files`, decoded by content and centre-cropped/resized
+    Files are read by `FileBytesDatasource` (`read_binary_files`' rows and order at a fraction of its per-file
+    cost), decoded by content and centre-cropped/resized
     to res in `map_batches` (fused with the read: one task per block of files). A file that fails to
     decode is skipped (and recorded in skip_log) or raises, per on_error. file_shuffle_seed shuffles
     file order per epoch; include_paths=True adds a `path` column (used by `rayflow.prepare`).
@@ -90,12 +92,8 @@ def image_folder(
     class_files = list_class_files(root, extensions)
     fs, base = resolve_filesystem(root)
     # The listing above is reused: Ray reads exactly the files whose classes were checked.
-    ds = ray.data.read_binary_files(
-        [path for paths in class_files.values() for path in paths],
-        filesystem=fs,
-        include_paths=True,
-        shuffle=file_shuffle(file_shuffle_seed),
-    )
+    paths = [path for paths in class_files.values() for path in paths]
+    ds = ray.data.read_datasource(FileBytesDatasource(paths, fs, file_shuffle(file_shuffle_seed)))
     return map_decode(
         ds,
         _decode_folder_batch,
