@@ -75,7 +75,7 @@ class FileBytesDatasource(Datasource):
         self._mean_size = int(np.mean(sizes)) if sizes else None
 
     def get_name(self) -> str:
-        return "ReadFileBytes"
+        return "FileBytes"  # Ray names the read operator "ReadFileBytes"
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None if self._mean_size is None else self._mean_size * len(self._paths)
