@@ -61,6 +61,10 @@ VARIANTS: dict[str, list[str]] = {
     "aux_x2_lr_x3": ["distill.aux_per_student=2", "distill.lr_student=3e-4"],
     "aux_x2_lr_x3_train_seed_1": ["distill.aux_per_student=2", "distill.lr_student=3e-4", "run.seed=1"],
     "aux_x2_lr_x3_train_seed_2": ["distill.aux_per_student=2", "distill.lr_student=3e-4", "run.seed=2"],
+    # 4x the images under the 2:1 default, three training seeds: each against aux_x2 of its run.seed
+    "aux_x2_images_x4": ["distill.aux_per_student=2", "distill.train_images=240000"],
+    "aux_x2_images_x4_train_seed_1": ["distill.aux_per_student=2", "distill.train_images=240000", "run.seed=1"],
+    "aux_x2_images_x4_train_seed_2": ["distill.aux_per_student=2", "distill.train_images=240000", "run.seed=2"],
 }
 
 
@@ -188,7 +192,8 @@ def summarize(a: argparse.Namespace) -> tuple[list[dict], str]:
 
 def reference(variant: str, trained=None) -> str:
     """The variant that `variant` is paired with (see summarize): same run.seed, the largest proper subset of its
-    other overrides among the `trained` variants (all of VARIANTS by default)."""
+    other overrides among the `trained` variants (all of VARIANTS by default); of equal ones, the first in VARIANTS
+    (aux_x2_images_x4 -> aux_x2, not images_x4)."""
     def split(v: str) -> tuple[frozenset, list[str]]:
         return frozenset(o for o in VARIANTS[v] if not o.startswith("run.seed=")), \
             [o for o in VARIANTS[v] if o.startswith("run.seed=")]
@@ -196,7 +201,7 @@ def reference(variant: str, trained=None) -> str:
     knobs, seed = split(variant)
     if not knobs:
         return "baseline"
-    nested = [v for v in (trained or VARIANTS) if split(v)[1] == seed and split(v)[0] < knobs]
+    nested = [v for v in VARIANTS if (trained is None or v in trained) and split(v)[1] == seed and split(v)[0] < knobs]
     return max(nested, key=lambda v: len(split(v)[0]), default="baseline")
 
 
