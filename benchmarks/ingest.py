@@ -18,8 +18,8 @@ jpeg (decode-bound): an ImageNet-layout folder (10 class folders) of jpeg-res x 
   - torch_dataloader_pil (num_workers 1 and 2): a map-style Dataset that reads and decodes each file with PIL
     (rayflow's decode_image + center_crop_resize, the same calls the Ray source makes), flip and scaling in the
     workers' collate_fn;
-  - ray_data: rayflow's folder source (image_folder: read_binary_files + decode map) -> build_train_dataset ->
-    iter_torch_batches, on the same local cluster (ray.init with --ray-cpus logical CPUs).
+  - ray_data: rayflow's folder source (image_folder: FileBytesDatasource's read and the decode map, one task) ->
+    build_train_dataset -> iter_torch_batches, on the same local cluster (ray.init with --ray-cpus logical CPUs).
 multinode: the jpeg ray_data pipeline on a local two-node cluster on this machine (`ray start --head
   --num-cpus=1`, then a second raylet `ray start --address=... --num-cpus=1 --resources='{"extra_cpu_node": 1}'`,
   both in a private temp dir and their own process groups, stopped by process group: `ray stop` would stop every
