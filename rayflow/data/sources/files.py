@@ -10,6 +10,7 @@ files over read tasks, are those of `read_binary_files` with the same `FileShuff
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -84,12 +85,13 @@ class FileBytesDatasource(Datasource):
                        data_context: DataContext | None = None) -> list[ReadTask]:
         execution_idx = data_context._execution_idx if data_context is not None else 0
         paths = shuffled(self._paths, self._shuffle, execution_idx)
-        fs = self._fs
-        tasks = []
+        fs, tasks = self._fs, []
         for chunk in np.array_split(np.array(paths, dtype=object), max(1, min(parallelism, len(paths)))):
             chunk = chunk.tolist()
             size = None if self._mean_size is None else self._mean_size * len(chunk)
             meta = BlockMetadata(num_rows=len(chunk), size_bytes=size, exec_stats=None, input_files=chunk)
-            tasks.append(ReadTask(lambda chunk=chunk: read_files(fs, chunk), meta,
-                                  per_task_row_limit=per_task_row_limit))
+            # a partial, not a closure: unpickling it imports this module (and pyarrow.fs) before the filesystem,
+            # which pyarrow's S3FileSystem needs (Ray's own reads wrap it for the same reason, ray#17085)
+            read = functools.partial(read_files, fs, chunk)
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
