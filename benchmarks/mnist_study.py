@@ -65,6 +65,10 @@ VARIANTS: dict[str, list[str]] = {
     "aux_x2_images_x4": ["distill.aux_per_student=2", "distill.train_images=240000"],
     "aux_x2_images_x4_train_seed_1": ["distill.aux_per_student=2", "distill.train_images=240000", "run.seed=1"],
     "aux_x2_images_x4_train_seed_2": ["distill.aux_per_student=2", "distill.train_images=240000", "run.seed=2"],
+    # a shorter student EMA under the 2:1 default (the demo's 0.99 spans ~a third of its ~310 student updates)
+    "aux_x2_ema_0.98": ["distill.aux_per_student=2", "distill.ema_decay=0.98"],
+    "aux_x2_ema_0.98_train_seed_1": ["distill.aux_per_student=2", "distill.ema_decay=0.98", "run.seed=1"],
+    "aux_x2_ema_0.98_train_seed_2": ["distill.aux_per_student=2", "distill.ema_decay=0.98", "run.seed=2"],
 }
 
 
