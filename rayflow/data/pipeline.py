@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataContext, RandomSeedConfig
+from ray.data import RandomSeedConfig
 from ray.data.dataset import MaterializedDataset
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.blocks import image_table
+from rayflow.data.sources.listing import EPOCH_ATTR, execution_index
 from rayflow.data.transforms import horizontal_flip, scale_to_unit_range_torch, stack_images, to_chw
 
 if TYPE_CHECKING:
@@ -28,15 +29,6 @@ if TYPE_CHECKING:
 
 # The column a text pipeline's encoder stage adds (rayflow.data.text): workers condition on it instead of `label`.
 COND_COLUMN = "cond"
-
-# Ray Data counts the finished executions (epochs) of a dataset in its DataContext and hands that
-# context to every task; RandomSeedConfig/FileShuffleConfig(reseed_after_execution=True) read the same
-# counter (as does rayflow.data.sources.files). It is private in Ray 2.60, so build_train_dataset checks that it exists.
-_EPOCH_ATTR = "_execution_idx"
-
-
-def _execution_index() -> int:
-    return int(getattr(DataContext.get_current(), _EPOCH_ATTR))
 
 
 def row_uniforms(images: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -69,7 +61,7 @@ def _flip_to_chw(batch: dict[str, np.ndarray], *, seed: int, flip: bool, num_cla
     if num_classes is not None:
         check_labels(labels, num_classes)
     if flip and len(labels):
-        images = horizontal_flip(images, row_uniforms(images, seed, _execution_index()) < 0.5)
+        images = horizontal_flip(images, row_uniforms(images, seed, execution_index()) < 0.5)
     # uint8, not float32: a quarter of the bytes through the object store; iter_torch_batches scales on the device
     table = image_table(to_chw(images), labels)  # image: (N, C, H, W) uint8
     if COND_COLUMN in batch:  # text: the packed condition (N, L, D + 1) from the encoder stage rides along
@@ -122,12 +114,12 @@ def build_train_dataset(
         batch_size=batch_size,
     )
     # Each Dataset carries its own DataContext copy, so these settings do not leak into other datasets.
-    if not hasattr(ds.context, _EPOCH_ATTR):
+    if not hasattr(ds.context, EPOCH_ATTR):
         raise RuntimeError(
-            f"this Ray version has no DataContext.{_EPOCH_ATTR}, which seeds per-epoch order and flips; "
+            f"this Ray version has no DataContext.{EPOCH_ATTR}, which seeds per-epoch order and flips; "
             "FIX THIS by installing the pinned ray==2.60.0 or porting rayflow.data.pipeline"
         )
-    setattr(ds.context, _EPOCH_ATTR, epoch)
+    setattr(ds.context, EPOCH_ATTR, epoch)
     if preserve_order:
         ds.context.execution_options.preserve_order = True
     return ds

@@ -20,6 +20,8 @@ from ray.data import DataContext, FileShuffleConfig
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from rayflow.data.sources.listing import execution_index
+
 # A read block closes at whichever comes first: enough files to amortise the block's cost, or enough bytes to
 # keep a task's memory bounded on full-size images (ImageNet JPEGs average ~110 kB).
 BLOCK_FILES = 1024
@@ -83,8 +85,7 @@ class FileBytesDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: DataContext | None = None) -> list[ReadTask]:
-        execution_idx = data_context._execution_idx if data_context is not None else 0
-        paths = shuffled(self._paths, self._shuffle, execution_idx)
+        paths = shuffled(self._paths, self._shuffle, execution_index(data_context) if data_context is not None else 0)
         fs, tasks = self._fs, []
         for chunk in np.array_split(np.array(paths, dtype=object), max(1, min(parallelism, len(paths)))):
             chunk = chunk.tolist()

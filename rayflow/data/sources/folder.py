@@ -83,10 +83,10 @@ def image_folder(
     """Read an ImageNet-layout folder `root/<class>/*.JPEG|*.png...`; labels index `find_classes(root)`.
 
     Files are read by `FileBytesDatasource` (`read_binary_files`' rows and order at a fraction of its per-file
-    cost), decoded by content and centre-cropped/resized
-    to res in `map_batches` (fused with the read: one task per block of files). A file that fails to
-    decode is skipped (and recorded in skip_log) or raises, per on_error. file_shuffle_seed shuffles
-    file order per epoch; include_paths=True adds a `path` column (used by `rayflow.prepare`).
+    cost), decoded by content and centre-cropped/resized to res by `map_decode` (fused with the read: one task
+    per block of files). A file that fails to decode is skipped (and recorded in skip_log) or raises, per
+    on_error. file_shuffle_seed shuffles file order per epoch; include_paths=True adds a `path` column (used by
+    `rayflow.prepare`).
     """
     check_options(res, channels, on_error)
     class_files = list_class_files(root, extensions)

@@ -7,7 +7,12 @@ import os
 from collections.abc import Sequence
 
 import pyarrow.fs as pafs
-from ray.data import FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig
+
+# Ray Data counts the finished executions (epochs) of a dataset in its DataContext and hands that context to every
+# task; RandomSeedConfig/FileShuffleConfig(reseed_after_execution=True) read the same counter. It is private in
+# Ray 2.60, so rayflow.data.pipeline.build_train_dataset checks that it exists.
+EPOCH_ATTR = "_execution_idx"
 
 
 def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -46,3 +51,8 @@ def file_shuffle(seed: int | None) -> FileShuffleConfig | None:
     # Reseeded per execution (epoch) from the dataset's execution index, so epochs differ but a
     # rerun with the same seed repeats them. Streams, unlike randomize_block_order (a barrier).
     return None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=True)
+
+
+def execution_index(context: DataContext | None = None) -> int:
+    """The epoch Ray Data is executing: context's execution counter (by default the current task's context)."""
+    return int(getattr(context if context is not None else DataContext.get_current(), EPOCH_ATTR))
