@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 # distill.aux_per_student's default then (2 since, by this study); a variant's own override of a key wins.
 BASE = ["distill.aux_per_student=1"]
 
+TRAIN_SEEDS = (("", []), ("_train_seed_1", ["run.seed=1"]), ("_train_seed_2", ["run.seed=2"]))
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "train_seed_1": ["run.seed=1"],  # the training-run spread of the baseline itself
@@ -69,6 +70,13 @@ VARIANTS: dict[str, list[str]] = {
     "aux_x2_ema_0.98": ["distill.aux_per_student=2", "distill.ema_decay=0.98"],
     "aux_x2_ema_0.98_train_seed_1": ["distill.aux_per_student=2", "distill.ema_decay=0.98", "run.seed=1"],
     "aux_x2_ema_0.98_train_seed_2": ["distill.aux_per_student=2", "distill.ema_decay=0.98", "run.seed=2"],
+    # the public ImageNet-64 reproduction's schedule under the 2:1 default: a linear warm-up over a tenth of the
+    # images, then a linear decay to 0 (instead of cosine from the first update)
+    **{f"aux_x2_linear_warmup{sfx}": ["distill.aux_per_student=2", "distill.lr_decay=linear",
+                                      "distill.warmup_images=6000", *seed] for sfx, seed in TRAIN_SEEDS},
+    # 4x the batch at the same number of updates (4x the images): less gradient noise per update
+    **{f"aux_x2_batch_x4{sfx}": ["distill.aux_per_student=2", "data.batch_size=256", "distill.train_images=240000",
+                                 *seed] for sfx, seed in TRAIN_SEEDS},
 }
 
 

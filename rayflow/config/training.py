@@ -29,6 +29,7 @@ class DistillConfig:
     beta2: float = 0.99
     adam_eps: float = 1e-12
     lr_decay: str = "cosine"  # cosine | linear | constant (to 0 at the last update; core.steps.WarmupDecay)
+    warmup_images: int = 0  # images over which both lrs ramp linearly from ~0 up to theirs, before the decay
     # alternating: aux updates per student update (1 = the paper's strict alternation). 2 by the quality study
     # (benchmarks/README.md, "What moves the 8-step MNIST student"): FD better on every training seed, moment error
     # on every mixture seed, at the same update count and cost
@@ -50,6 +51,9 @@ class DistillConfig:
         check_positive("distill.lr_student", self.lr_student)
         check_positive("distill.lr_ratio", self.lr_ratio)
         check_positive("distill.train_images", self.train_images)
+        if not isinstance(self.warmup_images, int) or not 0 <= self.warmup_images < self.train_images:
+            fail("distill.warmup_images", self.warmup_images,
+                 f"setting an integer in [0, distill.train_images={self.train_images}) (e.g. a tenth of it)")
         check_choice("distill.weighting", self.weighting, ("snr", "snr_plus_one", "truncated_snr", "one"))
         check_choice("distill.s_sampling", self.s_sampling, ("uniform", "mixed"))
         check_choice("distill.jump", self.jump, ("uniform", "full"))

@@ -160,6 +160,7 @@ def build_state(
     dist = build_distillation(
         base, guided(base, job.teacher.guidance_scale, job.data), base.schedule, algorithm=d.algorithm, steps=d.steps,
         total_updates=total, lr_student=d.lr_student, lr_ratio=d.lr_ratio, lr_schedule=d.lr_decay,
+        warmup=d.warmup_images // job.data.batch_size,
         betas=(d.beta1, d.beta2),
         adam_eps=d.adam_eps, weighting=d.weighting, s_sampling=d.s_sampling, jump=d.jump, grad_clip=d.grad_clip,
         ema_decay=d.ema_decay, aux_per_student=d.aux_per_student, forward_dtype=forward_dtype, precond=precond,

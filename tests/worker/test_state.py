@@ -188,8 +188,19 @@ def test_channels_last_trains_as_the_default_layout_does(rgb_teacher, role):
         for k in r0:
             assert r1[k] == pytest.approx(r0[k], rel=1e-4, abs=1e-6), k
     for name in a.trainables:
-        torch.testing.assert_close(b.trainables[name].state_dict(), a.trainables[name].state_dict())
-    torch.testing.assert_close(b.ema.module.state_dict(), a.ema.module.state_dict())
+        _assert_nearly_all_close(b.trainables[name].state_dict(), a.trainables[name].state_dict())
+    _assert_nearly_all_close(b.ema.module.state_dict(), a.ema.module.state_dict())
+
+
+def _assert_nearly_all_close(got: dict, want: dict, share: float = 0.01) -> None:
+    """Adam with beta1 = 0 and eps = 1e-12 moves every weight by ~lr per update whatever its gradient's size, so a
+    gradient within float rounding of 0 can take either sign in the two layouts (a weight 1e-5 apart seen after 4
+    updates); a layout bug moves most weights. At most `share` of each tensor's elements outside assert_close's
+    float32 tolerance."""
+    assert got.keys() == want.keys()
+    for k in want:
+        far = ~torch.isclose(got[k], want[k], rtol=1.3e-6, atol=1e-5)
+        assert far.float().mean().item() <= share, (k, int(far.sum()), far.numel())
 
 
 def _nhwc(t: torch.Tensor) -> bool:
@@ -225,3 +236,22 @@ def test_channels_last_breaks_the_parameter_space_jvp(rgb_teacher):
     x, y = _rgb_batch()
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         state.step(0, x, y, torch.Generator().manual_seed(0))
+
+
+def test_distill_warmup_images_ramps_both_learning_rates(exported_teacher):
+    _, path, digest = exported_teacher
+    # batch 8: 80 images = 10 updates, the first 4 (32 images) a linear warm-up, then a linear decay to 0
+    job = _job(teacher__checkpoint=path, teacher__sha256=digest, distill__train_images=80,
+               distill__warmup_images=32, distill__lr_decay="linear", distill__lr_ratio=2.0)
+    state = build_state(job, "distill", torch.device("cpu"))
+    lr = {k: opt.param_groups[0]["lr"] for k, opt in state.optimizers.items()}
+    assert lr == {"student": pytest.approx(1e-4 / 4), "aux": pytest.approx(2e-4 / 4)}
+    for s in state.schedulers.values():
+        s.seek(4)
+    assert state.optimizers["student"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    for s in state.schedulers.values():
+        s.seek(7)
+    assert state.optimizers["aux"].param_groups[0]["lr"] == pytest.approx(2e-4 * 0.5)
+    for bad in (-8, 80, 1.5):
+        with pytest.raises(ValueError, match="distill.warmup_images"):
+            _job(distill__train_images=80, distill__warmup_images=bad)
