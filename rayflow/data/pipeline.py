@@ -20,12 +20,17 @@ from ray.data.dataset import MaterializedDataset
 from ray.data.extensions import ArrowTensorArray
 
 from rayflow.data.blocks import image_table
+from rayflow.data.executor import prompt_cluster_limits
 from rayflow.data.sources.listing import EPOCH_ATTR, execution_index
 from rayflow.data.transforms import horizontal_flip, scale_to_unit_range_torch, stack_images, to_chw
 
 if TYPE_CHECKING:
     import torch
 
+
+# Any process that unpickles this module's transforms may run a Ray Data executor over them (the driver, Ray
+# Train's SplitCoordinator): none of them should spend an epoch's first second on one task (rayflow.data.executor).
+prompt_cluster_limits()
 
 # The column a text pipeline's encoder stage adds (rayflow.data.text): workers condition on it instead of `label`.
 COND_COLUMN = "cond"
