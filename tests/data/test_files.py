@@ -55,16 +55,30 @@ def test_rows_order_and_task_split_equal_read_binary_files_in_every_epoch(tmp_pa
         ds.context.execution_options.preserve_order = True
         return [[(r["path"], r["bytes"]) for r in ds.iter_rows()] for _ in range(2)]
 
-    ours = ray.data.read_datasource(FileBytesDatasource(paths, fs, file_shuffle(seed)), override_num_blocks=5)
+    ours = ray.data.read_datasource(FileBytesDatasource(paths, fs, file_shuffle(seed), task_files=1),
+                                    override_num_blocks=5)
     theirs = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, shuffle=file_shuffle(seed),
                                         override_num_blocks=5)
     got, want = epochs(ours), epochs(theirs)
     assert got == want
     assert sorted(p for p, _ in got[0]) == paths
     assert (got[0] != got[1]) == (seed is not None)  # reseeded per epoch when shuffled
-    tasks = FileBytesDatasource(paths, fs, file_shuffle(seed)).get_read_tasks(5)
+    tasks = FileBytesDatasource(paths, fs, file_shuffle(seed), task_files=1).get_read_tasks(5)
     assert [t.metadata.num_rows for t in tasks] == [8, 8, 7, 7, 7]
     assert sum(len(t.metadata.input_files) for t in tasks) == 37
+
+
+def test_read_tasks_are_coarsened_to_task_files(tmp_path):
+    paths = _write(tmp_path, 37)
+    fs = pafs.LocalFileSystem()
+    split = lambda n, **kw: [t.metadata.num_rows for t in FileBytesDatasource(paths, fs, **kw).get_read_tasks(n)]  # noqa: E731
+    assert split(5, task_files=10) == [10, 9, 9, 9]  # ceil(37 / 10) = 4 tasks, not Ray's 5
+    assert split(2, task_files=10) == [19, 18]  # Ray's count still caps it
+    assert split(200, task_files=20) == [19, 18]  # at least half of task_files per task
+    assert split(200, task_files=100) == [37]  # fewer files than that: one task
+    assert split(200) == [37]  # the default floor is one full block (files.BLOCK_FILES)
+    with pytest.raises(ValueError, match="task_files"):
+        FileBytesDatasource(paths, fs, task_files=0)
 
 
 def test_an_empty_file_list_is_refused():

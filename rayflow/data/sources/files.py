@@ -26,6 +26,10 @@ from rayflow.data.sources.listing import execution_index
 # keep a task's memory bounded on full-size images (ImageNet JPEGs average ~110 kB).
 BLOCK_FILES = 1024
 BLOCK_BYTES = 64 << 20
+# Files per read task that Ray's split is coarsened to (ceil(files / TASK_FILES) tasks, at most Ray's count): Ray
+# Data costs each task ~0.1 s of scheduling around it, so its default split (16,000 64 px JPEGs into 45 tasks of
+# ~120 ms) left the two CPUs of a small box idle half the time (benchmarks/README.md, "Read tasks of up to a block").
+TASK_FILES = BLOCK_FILES
 _SIZE_SAMPLE = 32  # files whose size is looked up to estimate the read's size (Ray picks the task count from it)
 
 
@@ -66,16 +70,27 @@ class FileBytesDatasource(Datasource):
     """Ray Data source of {bytes, path} rows, one per file: `ray.data.read_datasource(FileBytesDatasource(...))`.
 
     shuffle reorders the files per execution like `read_binary_files(shuffle=...)`: reseeded from the dataset's
-    execution index when `reseed_after_execution`, so epochs differ and a rerun repeats them."""
+    execution index when `reseed_after_execution`, so epochs differ and a rerun repeats them. Files are split
+    evenly over Ray's requested number of read tasks, or over ceil(files / task_files) tasks if that is fewer
+    (tasks of task_files / 2 to task_files files: fewer, larger tasks, still at least two where there are
+    more than task_files files, so two CPUs both get work)."""
 
-    def __init__(self, paths: Sequence[str], filesystem: pafs.FileSystem, shuffle: FileShuffleConfig | None = None):
+    def __init__(self, paths: Sequence[str], filesystem: pafs.FileSystem, shuffle: FileShuffleConfig | None = None,
+                 *, task_files: int = TASK_FILES):
         super().__init__()
         if not paths:
             raise ValueError("FileBytesDatasource needs at least one file")
+        if task_files < 1:
+            raise ValueError(f"task_files={task_files} must be >= 1")
         self._paths, self._fs, self._shuffle = list(paths), filesystem, shuffle
+        self._task_files = int(task_files)
         sample = self._paths[:: max(1, len(self._paths) // _SIZE_SAMPLE)][:_SIZE_SAMPLE]
         sizes = [i.size for i in filesystem.get_file_info(sample) if i.type == pafs.FileType.File]
         self._mean_size = int(np.mean(sizes)) if sizes else None
+
+    def default_tasks(self) -> int:
+        """ceil(files / task_files): the read task count to ask Ray for (`override_num_blocks`)."""
+        return -(-len(self._paths) // self._task_files)
 
     def get_name(self) -> str:
         return "FileBytes"  # Ray names the read operator "ReadFileBytes"
@@ -87,7 +102,9 @@ class FileBytesDatasource(Datasource):
                        data_context: DataContext | None = None) -> list[ReadTask]:
         paths = shuffled(self._paths, self._shuffle, execution_index(data_context) if data_context is not None else 0)
         fs, tasks = self._fs, []
-        for chunk in np.array_split(np.array(paths, dtype=object), max(1, min(parallelism, len(paths)))):
+        # Ray's parallelism caps the task count; task_files keeps tasks from being too small to pay for themselves
+        n_tasks = max(1, min(parallelism, self.default_tasks()))
+        for chunk in np.array_split(np.array(paths, dtype=object), n_tasks):
             chunk = chunk.tolist()
             size = None if self._mean_size is None else self._mean_size * len(chunk)
             meta = BlockMetadata(num_rows=len(chunk), size_bytes=size, exec_stats=None, input_files=chunk)

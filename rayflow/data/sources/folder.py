@@ -93,7 +93,10 @@ def image_folder(
     fs, base = resolve_filesystem(root)
     # The listing above is reused: Ray reads exactly the files whose classes were checked.
     paths = [path for paths in class_files.values() for path in paths]
-    ds = ray.data.read_datasource(FileBytesDatasource(paths, fs, file_shuffle(file_shuffle_seed)))
+    source = FileBytesDatasource(paths, fs, file_shuffle(file_shuffle_seed))
+    # as many output blocks as read tasks: asked for more, Ray splits the read's blocks and the read no longer fuses
+    # with the decode (map_decode)
+    ds = ray.data.read_datasource(source, override_num_blocks=source.default_tasks())
     return map_decode(
         ds,
         _decode_folder_batch,
